@@ -1,0 +1,86 @@
+"""Feature banks (faiss exact/IVF, save/load, atomic) and the greedy coreset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from components.banks import BankConfig, FeatureBank
+from components.coreset import greedy_coreset, random_projection
+
+
+def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((64, d)) * 4
+    return (centres[rng.integers(0, 64, n)] + rng.standard_normal((n, d))).astype(np.float32)
+
+
+def test_exact_bank_matches_brute_force() -> None:
+    x, q = clustered(3000, 32), clustered(500, 32, seed=1)
+    bank = FeatureBank.build(x, config=BankConfig(kind="flat", search_batch=128))
+    d2, ids = bank.search(q, k=3)
+    ref = torch.cdist(torch.from_numpy(q), torch.from_numpy(x)) ** 2
+    rd, ri = ref.topk(3, largest=False)
+    assert np.array_equal(ids, ri.numpy())
+    assert np.allclose(d2, rd.numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_auto_picks_ivf_for_large_banks_with_calibrated_recall() -> None:
+    data = clustered(21000, 32)
+    x, q = data[:20000], data[20000:]  # queries from the bank's own distribution
+    bank = FeatureBank.build(x, config=BankConfig(exact_max_rows=5000))
+    assert bank.meta["kind"] == "ivf" and bank.meta["nprobe"] >= 1
+    _, ids = bank.search(q, 1)
+    _, truth = FeatureBank.build(x, config=BankConfig(kind="flat")).search(q, 1)
+    assert np.mean(ids[:, 0] == truth[:, 0]) >= 0.97
+
+
+def test_save_load_roundtrip_and_atomic_replace(tmp_path) -> None:
+    x = clustered(2000, 16)
+    rows = pa.table({"image": np.arange(2000) // 10})
+    bank = FeatureBank.build(x, rows, BankConfig(kind="ivf", nlist=16, nprobe=4))
+    target = bank.save(tmp_path / "bank")
+    assert sorted(p.name for p in target.iterdir()) == ["index.faiss", "meta.json", "rows.parquet"]
+    loaded = FeatureBank.load(target)
+    assert loaded.rows.equals(rows) and loaded.meta == bank.meta and loaded.index.nprobe == 4
+    assert np.array_equal(loaded.search(x[:50], 2)[1], bank.search(x[:50], 2)[1])
+    FeatureBank.build(x[:100]).save(target)  # replacing leaves exactly one complete bank, no temp dirs
+    assert FeatureBank.load(target).ntotal == 100
+    assert [p.name for p in tmp_path.iterdir()] == ["bank"]
+
+
+def test_bank_rejects_bad_input(tmp_path) -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        FeatureBank.build(np.array([[np.nan, 1.0]], np.float32))
+    with pytest.raises(ValueError, match="rows"):
+        FeatureBank.build(np.zeros((3, 2), np.float32), pa.table({"a": [1]}))
+    bank = FeatureBank.build(np.zeros((3, 2), np.float32))
+    with pytest.raises(ValueError, match="dimension"):
+        bank.search(np.zeros((1, 5), np.float32))
+    with pytest.raises(FileNotFoundError, match="not a feature bank"):
+        FeatureBank.load(tmp_path)
+
+
+def test_greedy_coreset_is_the_greedy_k_center_selection() -> None:
+    x = clustered(3000, 200)
+    sel = greedy_coreset(x, 300, proj_dim=128, seed=0)
+    assert len(set(sel.tolist())) == 300
+    z = random_projection(x, 128, 0).astype(np.float64)
+    ref, mind = [int(sel[0])], ((z - z[sel[0]]) ** 2).sum(1)
+    for _ in range(299):
+        j = int(np.argmax(mind))
+        ref.append(j)
+        mind = np.minimum(mind, ((z - z[j]) ** 2).sum(1))
+    # identical up to float32 near-ties; the covering radius is the same
+    assert np.mean(sel == np.array(ref)) > 0.95
+    radius = lambda s: np.sqrt(np.min(((z[:, None] - z[s][None]) ** 2).sum(-1), 1).max())  # noqa: E731
+    assert radius(sel) == pytest.approx(radius(np.array(ref)), rel=1e-4)
+
+
+def test_coreset_bounds() -> None:
+    x = clustered(100, 8)
+    assert np.array_equal(greedy_coreset(x, 100), np.arange(100))
+    with pytest.raises(ValueError, match="coreset size"):
+        greedy_coreset(x, 0)

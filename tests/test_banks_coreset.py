@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from components.banks import BankConfig, FeatureBank
+from components.banks import BankConfig, FeatureBank, gpu_count
 from components.coreset import greedy_coreset, random_projection
 
 
@@ -84,3 +84,13 @@ def test_coreset_bounds() -> None:
     assert np.array_equal(greedy_coreset(x, 100), np.arange(100))
     with pytest.raises(ValueError, match="coreset size"):
         greedy_coreset(x, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() == 0, reason="needs faiss-gpu and a CUDA device")
+def test_gpu_bank_returns_the_cpu_neighbours() -> None:
+    x, q = clustered(5000, 64), clustered(500, 64, seed=1)
+    cpu = FeatureBank.build(x, config=BankConfig(kind="flat", use_gpu=False)).search(q, 2)
+    gpu = FeatureBank.build(x, config=BankConfig(kind="flat", use_gpu=True))
+    assert gpu._searcher() is not gpu.index  # really on the device
+    assert np.array_equal(gpu.search(q, 2)[1], cpu[1])

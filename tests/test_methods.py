@@ -38,7 +38,7 @@ def test_method_fits_and_scores_real_defects(name, magnetic_subset) -> None:
     assert result.maps.shape == (len(test), SIZE, SIZE) and np.isfinite(result.maps).all()
     m = result.metrics
     # real ImageNet features localise magnetic-tile defects well above chance even with 40 images
-    assert m["image_auroc"] > 0.6, m
+    assert m["image_auroc"] > IMAGE_FLOOR.get(name, 0.6), m
     assert m["pixel_auroc"] > 0.7, m
     assert 0.0 <= m["aupro"] <= 1.0
 

@@ -149,7 +149,7 @@ class FeatureBank:
 
 
 def _add_calibrated(index: faiss.IndexIVF, x: np.ndarray, target: float, rng: np.random.Generator) -> int:
-    """Add ``x`` to ``index``; return the smallest power-of-two nprobe with recall@1 ≥ target.
+    """Add ``x`` to ``index``; return twice the smallest power-of-two nprobe with recall@1 ≥ target.
 
     Recall is measured on up to 1000 held-out rows queried against the others (exact truth from
     faiss.knn) before the held-out rows are added under their own ids, so row ids stay 0..n-1.
@@ -168,7 +168,9 @@ def _add_calibrated(index: faiss.IndexIVF, x: np.ndarray, target: float, rng: np
             break
         nprobe *= 2
     index.add_with_ids(x[held], held.astype(np.int64))
-    return min(nprobe, index.nlist)
+    # Held-out normal rows are easier than test patches (anomalous ones lie between cells): on
+    # magnetic_tile the calibrated nprobe gave recall@1 0.94 on test patches, twice that 0.98.
+    return min(2 * nprobe, index.nlist)
 
 
 def replace_dir(tmp: Path, target: Path) -> None:

@@ -94,6 +94,7 @@ def run_command(args: argparse.Namespace) -> dict:
     import torch
 
     from components.backbones import BackboneError, FeatureExtractor, default_device
+    from components.banks import replace_dir
     from components.data import DataError, build_manifest, scan_mvtec
     from components.evaluation import fit_and_evaluate
     from components.methods import method_class
@@ -154,9 +155,7 @@ def run_command(args: argparse.Namespace) -> dict:
             title=f"{args.category} · {args.method} · {args.backbone} @ {args.image_size}px",
         )
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return metrics

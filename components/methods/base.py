@@ -76,10 +76,6 @@ class AnomalyMethod(ABC):
     def predict(self, images: torch.Tensor) -> Prediction:
         """Score a uint8 batch (B, 3, S, S)."""
 
-    def state(self) -> dict[str, Any]:
-        """Plain arrays/tensors that describe the fitted memory (for saving; no pickle)."""
-        return {}
-
     # --- shared helpers ------------------------------------------------------------------------------
     @torch.inference_mode()
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:

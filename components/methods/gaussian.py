@@ -76,9 +76,6 @@ class GaussianAD(AnomalyMethod):
             maps.append(torch.nn.functional.interpolate(d[:, None], size=size, mode="bilinear")[:, 0])
         return Prediction(scores=scores.numpy(), maps=self.to_maps(torch.stack(maps).mean(0)))
 
-    def state(self) -> dict:
-        return {"image": self.image_gaussians, "map": self.map_gaussians}
-
 
 class PaDiM(AnomalyMethod):
     """Per-position Gaussians over randomly selected channels of the first three stages."""
@@ -102,7 +99,6 @@ class PaDiM(AnomalyMethod):
     def embed(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """(B, P, d) float64 position-major embeddings on the CPU."""
         emb = aligned(feats)[:, self.channels.to(feats[0].device)]
-        self.grid = emb.shape[-2:]
         return emb.flatten(2).transpose(1, 2).double().cpu()
 
     def fit(self, loader: Iterable[dict]) -> None:
@@ -123,11 +119,9 @@ class PaDiM(AnomalyMethod):
 
     def predict(self, images: torch.Tensor) -> Prediction:
         assert self.mean is not None and self.precision is not None, "fit() first"
-        x = self.embed(self.features(images)).float()
+        feats = self.features(images)
+        x = self.embed(feats).float()
         diff = x - self.mean
         dist = torch.einsum("bpi,pij,bpj->bp", diff, self.precision, diff).clamp_min(0).sqrt()
-        maps = self.to_maps(dist.view(len(x), *self.grid))
+        maps = self.to_maps(dist.view(len(x), *feats[0].shape[-2:]))
         return Prediction(scores=maps.reshape(len(x), -1).max(1), maps=maps)
-
-    def state(self) -> dict:
-        return {"mean": self.mean, "precision": self.precision, "channels": self.channels}

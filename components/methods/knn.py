@@ -78,9 +78,6 @@ class DN2(AnomalyMethod):
         ).mean(0)
         return Prediction(scores=self.image_scores(dist2).astype(np.float32), maps=self.to_maps(mean_map))
 
-    def state(self) -> dict:
-        return {"bank": self.bank}
-
 
 class SPADE(DN2):
     """Semantic Pyramid Anomaly Detection: DN2 with k=50 mean distance and pixel-level alignment."""
@@ -154,6 +151,3 @@ class PatchCore(AnomalyMethod):
         dist2, _ = self.bank.search(flat_locations(emb), 1)
         patch = torch.from_numpy(np.sqrt(dist2[:, 0]).reshape(b, h, w))
         return Prediction(scores=patch.flatten(1).max(1).values.numpy(), maps=self.to_maps(patch))
-
-    def state(self) -> dict:
-        return {"bank": self.bank}

@@ -54,3 +54,33 @@ def heatmap_grid(
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def curves_plot(
+    roc: dict[str, np.ndarray],
+    pro: dict[str, np.ndarray] | None,
+    metrics: dict[str, float],
+    path: str | os.PathLike,
+    title: str = "",
+) -> None:
+    """Save a PNG with the image ROC curve and (when masks exist) the PRO curve up to FPR 0.3."""
+    fig, axes = plt.subplots(
+        1, 2 if pro is not None else 1, figsize=(9 if pro is not None else 4.5, 4), squeeze=False
+    )
+    ax = axes[0, 0]
+    ax.plot(roc["fpr"], roc["tpr"], lw=1.5)
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=f"image ROC (AUROC {metrics['image_auroc']:.3f})",
+    )
+    if pro is not None:
+        ax = axes[0, 1]
+        ax.plot(pro["fpr"], pro["pro"], lw=1.5)
+        ax.set(xlim=(0, 0.3), ylim=(0, 1), xlabel="false positive rate (pixels)", ylabel="per-region overlap")
+        ax.set_title(f"PRO (AUPRO@0.3 {metrics['aupro']:.3f})")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -82,7 +82,116 @@ def build_parser() -> argparse.ArgumentParser:
         help="method parameter, repeatable, e.g. coreset_ratio=0.01, k=5, d=100 (JSON values)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_pipeline_commands(sub)
+    predict = sub.add_parser(
+        "predict",
+        help="score images with a registered model (MLflow registry)",
+        description="Load a registered model (e.g. models:/adaptad-demo-deeppcb@champion) and write "
+        "DIR/scores.csv (path, score, heatmap) and one DIR/<stem>_heatmap.png per image. The output "
+        "folder appears only when everything succeeded.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from flows.predict import add_arguments
+
+    add_arguments(predict)
     return parser
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, value = _parse_param(text)
+    return key, (value if not isinstance(value, str) else _yaml_scalar(value))
+
+
+def _yaml_scalar(text: str) -> object:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
+    """``prepare``, ``pipeline`` and ``promote``: the DVC stages (see dvc.yaml), usable by hand."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    prepare = sub.add_parser(
+        "prepare",
+        help="verify every image and mask of a dataset and write its parquet manifest",
+        description="Decode every image and mask of the dataset's categories (params.yaml datasets.NAME) and "
+        "write manifests/NAME.parquet atomically; the first bad file is named and nothing is written.",
+        formatter_class=fmt,
+    )
+    prepare.add_argument("--dataset", default=None, help="dataset key in params.yaml (default: `dataset`)")
+    prepare.add_argument("--params", default="params.yaml", type=Path, help="params file")
+    for name, text in (
+        (
+            "pipeline",
+            "run the Prefect pipeline flow: per category Ray Train fine-tuning, banks, evaluation, "
+            "MLflow run and registered version (alias challenger)",
+        ),
+        ("promote", "run the Prefect promote flow: challenger vs champion against the gates in params.yaml"),
+    ):
+        cmd = sub.add_parser(name, help=text, description=text + ".", formatter_class=fmt)
+        cmd.add_argument("--params", default="params.yaml", type=Path, help="params file")
+        cmd.add_argument(
+            "-S",
+            "--set",
+            dest="overrides",
+            action="append",
+            type=_override,
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a params.yaml value (dotted key, YAML value), e.g. -S method=patchcore",
+        )
+
+
+def _embedded_defaults() -> None:
+    """Service settings for the embedded defaults (ephemeral Prefect API, local Ray) on small machines."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster on this machine only
+
+
+def pipeline_command(args: argparse.Namespace) -> int:
+    """``prepare`` / ``pipeline`` / ``promote``; bad input → UsageError, a failed category → exit 1."""
+    from components.data import DataError
+    from flows.params import ParamsError, load_params
+
+    _embedded_defaults()
+    try:
+        if args.command == "prepare":
+            from flows.stages import prepare
+
+            prepare(args.params, args.dataset)
+            return 0
+        overrides = dict(args.overrides)
+        from flows.params import check_method
+
+        params = load_params(args.params, overrides)
+        check_method(params, args.params)  # fail before any service starts
+        if args.command == "pipeline":
+            from flows.pipeline import load_category_samples
+            from flows.tracking import check_tracking, resolve_tracking_uri
+
+            load_category_samples(params)
+            check_tracking(resolve_tracking_uri(params))
+            from flows.stages import run_pipeline
+
+            result = run_pipeline(args.params, overrides)
+        else:
+            from flows.promote import run_promote
+
+            result = run_promote(str(args.params), overrides)
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    except (ParamsError, DataError) as err:
+        raise UsageError(str(err)) from err
+    except Exception as err:
+        from flows.tracking import TrackingError
+
+        if isinstance(err, TrackingError):
+            raise UsageError(str(err)) from err
+        print(f"adaptad {args.command}: failed: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
 
 
 class UsageError(Exception):
@@ -168,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
             metrics = run_command(args)
             keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "total_seconds")
             print(json.dumps({k: round(metrics[k], 4) for k in keys}))
+        elif args.command == "predict":
+            from flows.predict import predict_command
+
+            print(json.dumps(predict_command(args)))
+        elif args.command in ("prepare", "pipeline", "promote"):
+            return pipeline_command(args)
     except UsageError as err:
         print(f"adaptad: error: {err}", file=sys.stderr)
         return 2

@@ -41,8 +41,61 @@ def copy_subset(src: Path, dst: Path, n_train: int, n_good: int, n_defect: int) 
     return dst
 
 
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory, industrial_root: Path) -> Path:
+    """A session-wide data root with the same kolektorsdd subset as ``mini_root`` (read-only use)."""
+    root = tmp_path_factory.mktemp("data")
+    copy_subset(industrial_root / "kolektorsdd", root / "kolektorsdd", 24, 8, 8)
+    return root
+
+
 @pytest.fixture
 def mini_root(tmp_path: Path, industrial_root: Path) -> Path:
     """A data root with a small real kolektorsdd subset: 24 train, 8 normal and 8 defect test images."""
     copy_subset(industrial_root / "kolektorsdd", tmp_path / "data" / "kolektorsdd", 24, 8, 8)
     return tmp_path / "data"
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def service_env(home: Path) -> dict[str, str]:
+    """Environment for subprocesses that run the real services in isolation (no telemetry, own state)."""
+    import sys
+
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+        RAY_AUTH_MODE="disabled",
+        RAY_TMPDIR=str(home / "ray-tmp"),
+        PREFECT_HOME=str(home / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DVC_NO_ANALYTICS="1",
+        ADAPTAD_CACHE=os.environ.get("ADAPTAD_CACHE", str(Path.home() / ".cache" / "adaptad")),
+    )
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        env.pop(key, None)
+    (home / "ray-tmp").mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def repo_copy(dst: Path) -> Path:
+    """A fresh git clone-like copy of the working tree (tracked + untracked, not ignored files)."""
+    import subprocess
+
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    dst.mkdir(parents=True)
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file() and not name.startswith(("tests/", "benchmarks/")):
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / name)
+    git = ["git", "-c", "user.email=ci@adaptad", "-c", "user.name=ci"]
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dst, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dst, check=True)
+    return dst

@@ -11,10 +11,15 @@ from components.evaluation import fit_and_evaluate
 from components.methods import METHODS, method_class
 
 SIZE = 128
-# Global-kNN image scores (DN2, SPADE) cannot see magnetic-tile blowholes of 0.1 % of the image: only
-# their pixel maps are held to the bar here.
-IMAGE_FLOOR = {"dn2": 0.45, "spade": 0.45}
-PARAMS = {"spade": {"k": 10, "gallery": 3}, "patchcore": {"coreset_ratio": 0.1}, "padim": {"d": 50}}
+# Global-kNN image scores (DN2, SPADE, PANDA before training) cannot see magnetic-tile blowholes of
+# 0.1 % of the image: only their pixel maps are held to the bar here.
+IMAGE_FLOOR = {"dn2": 0.45, "spade": 0.45, "panda": 0.45}
+PARAMS = {
+    "spade": {"k": 10, "gallery": 3},
+    "panda": {"gallery": 3},
+    "patchcore": {"coreset_ratio": 0.1},
+    "padim": {"d": 50},
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +51,29 @@ def test_method_fits_and_scores_real_defects(name, magnetic_subset) -> None:
 def test_frozen_methods_have_no_training_step() -> None:
     cls = method_class("padim")
     method = cls(FeatureExtractor("tf_efficientnet_lite0", "none", cls.default_levels), 64, progress=False)
-    assert method.param_groups() == []
+    assert method.param_groups() == [] and not method.trains and method.epochs == 0
     with pytest.raises(NotImplementedError, match="no training step"):
-        method.training_loss(None)
+        method.training_loss({}, method.extractor)
+    with pytest.raises(NotImplementedError, match="no optimizer"):
+        method.make_optimizer()
+
+
+@pytest.mark.parametrize("name", ["dn2", "spade", "patchcore", "gaussian", "padim"])
+def test_fitted_methods_save_and_load_exactly(name, magnetic_subset, tmp_path) -> None:
+    from components.evaluation import loader
+    from components.methods import MethodSpec, build_method, load_method
+
+    train, test = magnetic_subset
+    spec = MethodSpec(name, "tf_efficientnet_lite0", "pypi", None, 64, PARAMS.get(name, {}))
+    method = build_method(spec, "cpu", progress=False)
+    method.fit(loader(train[:12], 64, 6, 0))
+    method.save(tmp_path / name)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    again = load_method(tmp_path / name, "cpu")
+    images = next(iter(loader(test, 64, 5, 0)))["image"]
+    a, b = method.predict(images), again.predict(images)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.maps, b.maps, rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_method_and_bad_params() -> None:

@@ -1,10 +1,27 @@
 """Anomaly detection methods behind one protocol (see base.py)."""
 
-from components.methods.base import AnomalyMethod, EpochReport, Prediction
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from components.backbones import FeatureExtractor, default_device
+from components.methods.base import (
+    AnomalyMethod,
+    EpochReport,
+    MethodSpec,
+    Prediction,
+    load_spec,
+    load_tensors,
+)
 from components.methods.gaussian import GaussianAD, PaDiM
 from components.methods.knn import DN2, SPADE, PatchCore
+from components.methods.panda import PANDA
 
-METHODS: dict[str, type[AnomalyMethod]] = {m.name: m for m in (DN2, SPADE, PatchCore, GaussianAD, PaDiM)}
+METHODS: dict[str, type[AnomalyMethod]] = {
+    m.name: m for m in (DN2, SPADE, PatchCore, GaussianAD, PaDiM, PANDA)
+}
 
 
 def method_class(name: str) -> type[AnomalyMethod]:
@@ -15,4 +32,41 @@ def method_class(name: str) -> type[AnomalyMethod]:
         raise ValueError(f"--method {name!r}: unknown method; choose from {', '.join(METHODS)}") from None
 
 
-__all__ = ["METHODS", "AnomalyMethod", "EpochReport", "Prediction", "method_class"]
+def build_method(
+    spec: MethodSpec,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    weights: str | None = None,
+) -> AnomalyMethod:
+    """Build ``spec``'s method on ``device`` (default: CUDA when present); ``weights`` overrides it."""
+    cls = method_class(spec.method)
+    extractor = FeatureExtractor(spec.backbone, weights or spec.weights, spec.levels or cls.default_levels)
+    extractor = extractor.to(torch.device(device) if device is not None else default_device())
+    method = cls(extractor, spec.image_size, progress=progress, **spec.params)
+    method.spec = spec
+    return method
+
+
+def load_method(directory: str | Path, device: torch.device | str | None = None, progress: bool = False):
+    """Rebuild a method saved with :meth:`AnomalyMethod.save` (adapted weights and fitted memory)."""
+    directory = Path(directory)
+    spec, meta = load_spec(directory)
+    method = build_method(spec, device, progress=progress, weights="none")
+    state = load_tensors(directory / "backbone.safetensors")
+    method.extractor.model.load_state_dict(state, strict=True)
+    method.extractor.eval()
+    method.sigma = meta.get("sigma", method.sigma)
+    method.load_memory(directory / "memory")
+    return method
+
+
+__all__ = [
+    "METHODS",
+    "AnomalyMethod",
+    "EpochReport",
+    "MethodSpec",
+    "Prediction",
+    "build_method",
+    "load_method",
+    "method_class",
+]

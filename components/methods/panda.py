@@ -1,0 +1,279 @@
+"""PANDA (Reiss et al., CVPR 2021): adapt pretrained features with a compactness loss, without collapse.
+
+- Feature f(x): the globally average-pooled last stage of the backbone.
+- Compactness loss: mean over the batch of ||f(x) − c||² / d, with c the mean of the *initial*
+  (pretrained) features of the training images, computed once and fixed.
+- Only the last ``trainable_stages`` stages train; earlier stages stay frozen and every BatchNorm stays in
+  eval mode (ImageNet running statistics). SGD (lr 1e-2, momentum 0.9, weight decay 5e-5) with
+  gradient-norm clipping at 1e-3, as the official code.
+- Against collapse, either early stopping or EWC (``ewc=True``): λ/2 · Σ F ⊙ (θ₀ − θ)² with a diagonal
+  Fisher F. The paper's F comes from the ImageNet task; offline, F is read from ``fisher`` (a safetensors
+  file in the backbone's parameter names) or estimated as the expected Fisher of the pretrained
+  classifier's own predictive distribution on ``fisher_images`` available (training) images — a label is
+  sampled from the model's softmax and the squared gradient of its log-likelihood is averaged. The run
+  tags say which.
+- Early stopping (deviation: the paper stops at a fixed epoch; we have no test labels): after every epoch
+  the validation slice — held-out normal images and synthetic anomalies made from them — is scored by kNN
+  against a fixed reference subset of the training images; the epoch with the best validation AUROC is
+  kept (epoch 0 = the pretrained weights) and training stops after ``patience`` epochs without progress.
+- Scoring: image score = sum of squared L2 distances to the k=2 nearest training images' adapted features
+  (DN2 on adapted features); pixel maps SPADE-style on the adapted feature maps (see knn.DN2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from components.backbones import BackboneError, classifier
+from components.methods.base import EpochReport, pooled
+from components.methods.knn import DN2
+
+
+def stage_boundary(extractor: nn.Module, trainable_stages: int) -> list[str]:
+    """Names of the parameters of the last ``trainable_stages`` backbone stages (in forward order)."""
+    model = extractor.model
+    stages = [info["module"] for info in model.feature_info.info]
+    if not 1 <= trainable_stages < len(stages):
+        raise ValueError(f"panda trainable_stages={trainable_stages}: must be in 1..{len(stages) - 1}")
+    frozen_end = stages[-trainable_stages - 1]  # last module of the last frozen stage
+    names = [n for n, _ in model.named_parameters()]
+    candidates = {frozen_end, frozen_end.replace(".", "_")}
+    last_frozen = max(
+        (i for i, n in enumerate(names) if any(n.startswith(c + ".") for c in candidates)), default=None
+    )
+    if last_frozen is None:
+        raise BackboneError(
+            f"panda: cannot locate stage module {frozen_end!r} among the backbone's parameters"
+        )
+    return names[last_frozen + 1 :]
+
+
+def _match(name: str, source: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """``source``'s tensor for a features_only parameter name (FeatureListNet writes ``a.b`` as ``a_b``)."""
+    if name in source:
+        return source[name]
+    head, _, rest = name.partition(".")
+    return source.get(f"{head.replace('_', '.')}.{rest}")
+
+
+class PANDA(DN2):
+    """Compactness-loss fine-tuning with early stopping or EWC; DN2/SPADE scoring on adapted features."""
+
+    name = "panda"
+    default_levels = (1, 2, 3, 4)  # SPADE-style map stages ..., global (pooled) stage last
+
+    def __init__(
+        self,
+        extractor,
+        image_size,
+        k: int = 2,
+        gallery: int = 10,
+        epochs: int = 15,
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-5,
+        max_grad_norm: float | None = 1e-3,
+        trainable_stages: int = 2,
+        ewc: bool = False,
+        ewc_lambda: float = 1e4,
+        fisher: str = "estimate",
+        fisher_images: int = 64,
+        early_stopping: bool = True,
+        patience: int = 3,
+        reference_images: int = 64,
+        **kwargs,
+    ):
+        super().__init__(extractor, image_size, k=k, gallery=gallery, **kwargs)
+        if epochs < 0 or lr <= 0 or patience < 1 or reference_images < k or fisher_images < 1:
+            raise ValueError(
+                f"panda: need epochs >= 0, lr > 0, patience >= 1, reference_images >= k, fisher_images >= 1 "
+                f"(got epochs={epochs}, lr={lr}, patience={patience}, reference_images={reference_images}, "
+                f"fisher_images={fisher_images})"
+            )
+        self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
+        self.max_grad_norm = max_grad_norm
+        self.ewc, self.ewc_lambda, self.fisher_source, self.fisher_images = (
+            ewc,
+            ewc_lambda,
+            fisher,
+            fisher_images,
+        )
+        self.early_stopping, self.patience, self.reference_images = early_stopping, patience, reference_images
+        self.trainable_names = stage_boundary(extractor, trainable_stages)
+        params = dict(extractor.model.named_parameters())
+        for name, p in params.items():
+            p.requires_grad_(name in self.trainable_names)
+        self._params = {n: params[n] for n in self.trainable_names}
+        # training state (checkpointed)
+        self.center: torch.Tensor | None = None
+        self.reference: torch.Tensor | None = None  # uint8 images of a fixed train subset
+        self.theta0: dict[str, torch.Tensor] = {}
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.best: dict[str, Any] = {"auroc": -1.0, "epoch": 0, "bad_epochs": 0}
+        self.best_weights: dict[str, torch.Tensor] = {}
+
+    # --- training protocol -----------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        if self.epochs == 0:
+            return []
+        return [{"params": list(self._params.values()), "lr": self.lr, "weight_decay": self.weight_decay}]
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.param_groups(), lr=self.lr, momentum=self.momentum)
+
+    def train_mode(self) -> None:
+        self.extractor.train()
+        for m in self.extractor.modules():  # BatchNorm keeps the ImageNet running statistics
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    @torch.no_grad()
+    def global_features(self, images: torch.Tensor) -> torch.Tensor:
+        was_training = self.extractor.training
+        self.extractor.eval()
+        try:
+            return pooled(self.extractor(images.to(self.device))[-1]).float()
+        finally:
+            self.extractor.train(was_training)
+
+    def begin_training(self, train: Iterable[dict], validation: Iterable[dict]) -> dict[str, str]:
+        feats, reference = [], []
+        kept = 0
+        for batch in train:
+            feats.append(self.global_features(batch["image"]).cpu())
+            if kept < self.reference_images:
+                take = batch["image"][: self.reference_images - kept]
+                reference.append(take.cpu())
+                kept += len(take)
+        self.center = torch.cat(feats).mean(0)
+        self.reference = torch.cat(reference)
+        self.theta0 = {n: p.detach().cpu().clone() for n, p in self._params.items()}
+        tags = {"panda.center_images": str(sum(len(f) for f in feats)), "panda.regulariser": "early_stopping"}
+        if self.ewc:
+            self.fisher, how = self._load_or_estimate_fisher(train)
+            tags |= {"panda.regulariser": "ewc", "panda.fisher": how}
+        auroc = self.validation_auroc(validation)
+        self.best = {"auroc": auroc, "epoch": 0, "bad_epochs": 0}
+        self.best_weights = {n: t.clone() for n, t in self.theta0.items()}
+        tags["panda.val_auroc_pretrained"] = f"{auroc:.4f}"
+        return tags
+
+    def _load_or_estimate_fisher(self, train: Iterable[dict]) -> tuple[dict[str, torch.Tensor], str]:
+        if self.fisher_source != "estimate":
+            from safetensors.torch import load_file
+
+            path = Path(self.fisher_source)
+            if not path.is_file():
+                raise ValueError(f"panda fisher={self.fisher_source}: file not found")
+            source = load_file(str(path))
+            fisher = {n: _match(n, source) for n in self.trainable_names}
+            missing = [n for n, f in fisher.items() if f is None or f.shape != self._params[n].shape]
+            if missing:
+                raise ValueError(f"panda fisher={path}: no tensor of the right shape for {missing[:3]}")
+            return {n: f.float() for n, f in fisher.items()}, f"file:{path}"
+        return self.estimate_fisher(train), f"estimated:pretrained-predictive:{self.fisher_images}-images"
+
+    def estimate_fisher(self, train: Iterable[dict]) -> dict[str, torch.Tensor]:
+        """Expected diagonal Fisher of the pretrained classifier's own predictive distribution."""
+        assert self.spec is not None, "estimate_fisher needs the MethodSpec (build_method)"
+        model, mean, std = classifier(self.spec.backbone, self.spec.weights)
+        model = model.to(self.device).eval()
+        mean, std = mean.to(self.device), std.to(self.device)
+        source = dict(model.named_parameters())
+        targets = {n: _match(n, source) for n in self.trainable_names}
+        if any(t is None for t in targets.values()):
+            raise BackboneError(
+                f"panda: classifier parameters do not match the backbone's ({self.spec.backbone})"
+            )
+        fisher = {n: torch.zeros_like(t) for n, t in targets.items()}
+        generator = torch.Generator().manual_seed(0)
+        seen = 0
+        for batch in train:
+            for image in batch["image"]:
+                if seen >= self.fisher_images:
+                    break
+                x = (image[None].to(self.device).float() / 255.0 - mean) / std
+                log_p = torch.log_softmax(model(x), dim=1)[0]
+                y = torch.multinomial(log_p.detach().exp().cpu(), 1, generator=generator).item()
+                model.zero_grad(set_to_none=True)
+                log_p[y].backward()
+                for n, t in targets.items():
+                    fisher[n] += t.grad.detach() ** 2
+                seen += 1
+            if seen >= self.fisher_images:
+                break
+        return {n: (f / max(seen, 1)).cpu() for n, f in fisher.items()}
+
+    def training_loss(self, batch: dict, model: nn.Module) -> torch.Tensor:
+        assert self.center is not None, "begin_training() first"
+        f = pooled(model(batch["image"].to(self.device))[-1]).float()
+        center = self.center.to(f.device)
+        loss = ((f - center) ** 2).sum(1).mean() / f.shape[1]
+        if self.ewc:
+            penalty = sum(
+                (self.fisher[n].to(p.device) * (self.theta0[n].to(p.device) - p) ** 2).sum()
+                for n, p in self._params.items()
+            )
+            loss = loss + self.ewc_lambda / 2 * penalty
+        return loss
+
+    def validation_auroc(self, validation: Iterable[dict]) -> float:
+        """AUROC of synthetic anomalies vs held-out normal images, kNN to the reference train subset."""
+        assert self.reference is not None
+        ref = torch.cat([self.global_features(chunk) for chunk in self.reference.split(32)])
+        scores, labels = [], []
+        for batch in validation:
+            d2 = torch.cdist(self.global_features(batch["image"]), ref).pow(2)
+            scores.append(d2.topk(self.k, largest=False).values.sum(1).cpu())
+            labels.append(torch.as_tensor(batch["label"]))
+        y = torch.cat(labels).numpy()
+        if len(np.unique(y)) < 2:
+            raise ValueError("panda: the validation slice needs normal images and synthetic anomalies")
+        return float(roc_auc_score(y, torch.cat(scores).numpy()))
+
+    def end_epoch(self, epoch: int, validation: Iterable[dict]) -> EpochReport:
+        auroc = self.validation_auroc(validation)
+        drift = sum(((p.detach().cpu() - self.theta0[n]) ** 2).sum() for n, p in self._params.items())
+        if auroc > self.best["auroc"]:
+            self.best = {"auroc": auroc, "epoch": epoch, "bad_epochs": 0}
+            self.best_weights = {n: p.detach().cpu().clone() for n, p in self._params.items()}
+        else:
+            self.best["bad_epochs"] += 1
+        stop = self.early_stopping and self.best["bad_epochs"] >= self.patience
+        metrics = {
+            "val_auroc": auroc,
+            "best_val_auroc": self.best["auroc"],
+            "best_epoch": float(self.best["epoch"]),
+            "weight_drift": float(drift) ** 0.5,
+        }
+        return EpochReport(metrics=metrics, stop=stop)
+
+    def end_training(self) -> None:
+        """Keep the selected epoch's weights (early stopping) or the last ones (EWC without stopping)."""
+        if self.early_stopping and self.best_weights:
+            with torch.no_grad():
+                for n, p in self._params.items():
+                    p.copy_(self.best_weights[n].to(p.device))
+        self.extractor.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "center": self.center,
+            "reference": self.reference,
+            "theta0": self.theta0,
+            "fisher": self.fisher,
+            "best": dict(self.best),
+            "best_weights": self.best_weights,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.center, self.reference = state["center"], state["reference"]
+        self.theta0, self.fisher = state["theta0"], state["fisher"]
+        self.best, self.best_weights = dict(state["best"]), state["best_weights"]

@@ -1,0 +1,121 @@
+"""One category's evaluation with a (possibly adapted) backbone, written as a run folder.
+
+A run folder (``runs/categories/<run key>/``) appears atomically, complete or not at all:
+
+- ``method/``        the fitted method (spec.json, backbone.safetensors, memory/ with faiss banks)
+- ``metrics.json``   image/pixel AUROC, AUPRO@0.3, F1-max, timings, and the run's identity
+- ``scores.parquet`` per-image scores; ``roc.csv`` / ``pro.csv`` curves; ``heatmaps.png``, ``curves.png``
+- ``history.json``   per-epoch training signals; ``train.json`` training summary and tags
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from components.banks import replace_dir
+from components.data import Sample
+from components.evaluation import fit_and_evaluate
+from components.methods import MethodSpec, build_method
+from components.metrics import pro_curve_table, roc_curve_table
+from components.plots import curves_plot, heatmap_grid
+
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
+
+
+@dataclass
+class CategoryJob:
+    """What to evaluate: identity of the run, the method, the samples and where the trained weights are."""
+
+    dataset: str
+    category: str
+    run_key: str
+    data_version: str
+    spec: MethodSpec
+    train: Sequence[Sample]
+    test: Sequence[Sample]
+    masks: bool = True
+    batch_size: int = 16
+    loader_workers: int = 1
+    trained: Path | None = None  # folder with backbone.safetensors from the training job
+    training: dict[str, Any] = field(default_factory=dict)  # summary: epochs, tags, history, ...
+
+
+def _write_csv(columns: dict[str, np.ndarray], path: Path) -> None:
+    pcsv.write_csv(pa.table({k: np.asarray(v, np.float64) for k, v in columns.items()}), path)
+
+
+def evaluate_category(job: CategoryJob, directory: str | Path, device: str | None = None) -> dict[str, Any]:
+    """Fit the method on the category's train images, evaluate the test split, write the run folder."""
+    t0 = time.perf_counter()
+    method = build_method(job.spec, device, progress=False)
+    if job.trained is not None:
+        from safetensors.torch import load_file
+
+        method.extractor.model.load_state_dict(
+            load_file(str(job.trained / "backbone.safetensors")), strict=True
+        )
+    method.extractor.eval()
+    result = fit_and_evaluate(method, job.train, job.test, job.batch_size, job.loader_workers, job.masks)
+    labels = np.array([s.label for s in job.test])
+    metrics: dict[str, Any] = {k: float(result.metrics[k]) for k in METRIC_KEYS}
+    metrics |= {k: float(v) for k, v in result.timings.items()}
+    metrics |= {
+        "evaluate_seconds": time.perf_counter() - t0,
+        "train_seconds": float(job.training.get("seconds", 0.0)),
+        "epochs": float(job.training.get("epochs", 0)),
+    }
+    identity = {
+        "dataset": job.dataset,
+        "category": job.category,
+        "run_key": job.run_key,
+        "data_version": job.data_version,
+        "method": job.spec.method,
+        "spec": job.spec.to_json() | {"levels": list(method.extractor.levels)},
+        "device": str(method.device),
+    }
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        method.save(tmp / "method")
+        pq.write_table(result.table(), tmp / "scores.parquet")
+        roc = roc_curve_table(result.scores, labels)
+        _write_csv({"fpr": roc["fpr"], "tpr": roc["tpr"]}, tmp / "roc.csv")
+        pro = pro_curve_table(result.maps, result.masks) if job.masks and result.masks.any() else None
+        if pro is not None:
+            _write_csv(pro, tmp / "pro.csv")
+        spec = job.spec
+        title = f"{job.dataset}/{job.category} · {spec.method} · {spec.backbone} @ {spec.image_size}px"
+        heatmap_grid(
+            result.samples, result.scores, result.maps, result.masks, tmp / "heatmaps.png", title=title
+        )
+        curves_plot(roc, pro, metrics, tmp / "curves.png", title=title)
+        (tmp / "history.json").write_text(json.dumps(job.training.get("history", []), indent=2))
+        (tmp / "train.json").write_text(
+            json.dumps({k: v for k, v in job.training.items() if k != "history"}, indent=2)
+        )
+        (tmp / "metrics.json").write_text(
+            json.dumps(identity | {"metrics": metrics}, indent=2, allow_nan=True)
+        )
+        replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return identity | {"metrics": metrics}
+
+
+def read_run(directory: str | Path) -> dict[str, Any] | None:
+    """The metrics.json of a finished run folder, or None when the folder is absent."""
+    path = Path(directory) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None

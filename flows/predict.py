@@ -1,0 +1,149 @@
+"""``adaptad predict``: score images with a registered model and write scores and heat maps.
+
+The model is loaded through the registry (``models:/NAME@champion``, ``models:/NAME/3``, ...) as the
+pyfunc of flows/pyfunc.py, so the command exercises exactly what ``mlflow models serve`` serves.
+Outputs, written to a temporary folder and renamed into place (nothing appears on error):
+
+- ``DIR/scores.csv``: ``path,score,heatmap`` one row per image, in the order given;
+- ``DIR/<stem>_heatmap.png``: the image at its own resolution with the anomaly map overlaid (jet, 50%);
+  the colour scale is shared by all images of one call (1st–99.9th percentile of all their map values),
+  so a normal image does not light up just because it is alone. Repeated stems get ``-2``, ``-3``...
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flows.cli import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="registered model URI, e.g. models:/adaptad-demo-deeppcb@champion (or @challenger, or /VERSION)",
+    )
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files to score")
+    parser.add_argument(
+        "--output", required=True, type=Path, help="output folder DIR (must not exist unless --force)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+
+
+def _check_model(uri: str) -> None:
+    """A clean one-line error for an unknown registered model, version or alias."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not uri.startswith("models:/"):
+        raise UsageError(f"--model {uri}: expected a registry URI models:/NAME@ALIAS or models:/NAME/VERSION")
+    ref = uri.removeprefix("models:/")
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            client.get_model_version_by_alias(name, alias)
+        elif "/" in ref:
+            name, version = ref.split("/", 1)
+            client.get_model_version(name, version)
+        elif not ref.startswith("m-"):  # a logged model id is looked up by load_model
+            raise UsageError(f"--model {uri}: name an alias or a version (models:/NAME@champion)")
+    except MlflowException as err:
+        message = " ".join(str(err.message).split())
+        raise UsageError(f"--model {uri}: {message}") from None
+
+
+def overlay(image, amap: np.ndarray, vmin: float, vmax: float):
+    """RGB image with ``amap`` (S x S, any S) resized to it and blended in with the jet colour map."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    scaled = np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0, 1).astype(np.float32)
+    resized = np.asarray(Image.fromarray(scaled).resize(image.size, Image.Resampling.BILINEAR))
+    colour = (colormaps["jet"](np.clip(resized, 0, 1))[..., :3] * 255).astype(np.float32)
+    blended = 0.5 * np.asarray(image, np.float32) + 0.5 * colour
+    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+
+
+def _names(paths: list[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        n = seen[path.stem] = seen.get(path.stem, 0) + 1
+        names.append(f"{path.stem}{'' if n == 1 else f'-{n}'}_heatmap.png")
+    return names
+
+
+def predict_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Execute ``adaptad predict``; returns ``{"images", "output", "model"}``."""
+    import pandas as pd
+
+    from components.banks import replace_dir
+    from components.data import DataError, load_image
+    from flows.tracking import TrackingError, check_tracking, resolve_tracking_uri, use_tracking
+
+    out: Path = args.output
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise UsageError(f"--output {out}: exists and is not empty (use --force to replace it)")
+    paths = [Path(p) for p in args.images]
+    images = []
+    for path in paths:  # every image decodes before anything else starts
+        try:
+            images.append(load_image(str(path)))
+        except DataError as err:
+            raise UsageError(str(err)) from None
+    uri = args.tracking_uri or resolve_tracking_uri(None)
+    try:
+        check_tracking(uri, must_exist=True)
+    except TrackingError as err:
+        raise UsageError(str(err)) from None
+    use_tracking(uri)
+    _check_model(args.model)
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = mlflow.pyfunc.load_model(args.model)
+        frame = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode("ascii") for p in paths]})
+        result = model.predict(frame)
+    except MlflowException as err:
+        raise UsageError(f"--model {args.model}: {' '.join(str(err.message).split())}") from None
+    except OSError as err:
+        raise UsageError(f"{err.filename}: {err.strerror}") from None
+
+    maps = [
+        np.asarray(m, np.float32).reshape(int(s), int(s))
+        for m, s in zip(result["anomaly_map"], result["size"], strict=True)
+    ]
+    values = np.concatenate([m.ravel() for m in maps])
+    vmin, vmax = float(np.percentile(values, 1)), float(np.percentile(values, 99.9))
+    names = _names(paths)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with (tmp / "scores.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "score", "heatmap"])
+            for path, score, name in zip(paths, result["score"], names, strict=True):
+                writer.writerow([str(path), repr(float(score)), name])
+        for image, amap, name in zip(images, maps, names, strict=True):
+            overlay(image, amap, vmin, vmax).save(tmp / name)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"images": len(paths), "output": str(out), "model": args.model}

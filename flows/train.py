@@ -1,0 +1,262 @@
+"""The one generic Ray Train loop: it drives any method through the method protocol.
+
+Every worker builds the method from its MethodSpec, wraps the method's trainable module with
+``prepare_model`` (DDP over gloo on CPU, NCCL on GPU) and shards the training images with
+``prepare_data_loader``. Rank 0 writes a checkpoint every epoch (backbone weights, optimizer state,
+the method's own state, the epoch history); when a worker dies, Ray restarts the group (up to
+``FailureConfig(max_failures)``) and every worker resumes from the last checkpoint. The run is named by
+the run key under ``storage_path``, so a driver restarted with the same key resumes too.
+
+The loop never knows which method it trains; the method never knows it runs under Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from components.data import ImageDataset, Sample, split_validation, synthetic_anomalies
+from components.evaluation import loader
+from components.methods import MethodSpec, build_method
+
+CHECKPOINT_FILES = ("backbone.safetensors", "optimizer.pt", "method.pt", "progress.json")
+
+
+@dataclass
+class TrainJob:
+    """A training job for one category (or a whole dataset): what to train, on what, and how."""
+
+    run_key: str
+    spec: MethodSpec
+    train: list[Sample]
+    seed: int = 0
+    batch_size: int = 16
+    val_fraction: float = 0.2
+    synthetic: tuple[str, ...] = ("cutpaste", "noise")
+    loader_workers: int = 0
+    num_workers: int = 2
+    cpus_per_worker: int = 1
+    use_gpu: bool | str = "auto"
+    max_failures: int = 2
+    storage: str = "runs/ray"
+
+
+@dataclass
+class TrainResult:
+    """Where the adapted backbone lies and what happened: epochs, history, tags, restarts, seconds."""
+
+    directory: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def absolute(sample: Sample) -> Sample:
+    """``sample`` with absolute image and mask paths."""
+    mask = os.path.abspath(sample.mask_path) if sample.mask_path else None
+    return dataclasses.replace(sample, path=os.path.abspath(sample.path), mask_path=mask)
+
+
+def _split(job: dict[str, Any]) -> tuple[list[Sample], list[Sample]]:
+    """Training images and the validation slice (held-out normal + synthetic anomalies made from them)."""
+    samples = [Sample(**s) for s in job["train"]]
+    fit, held_out = split_validation(samples, job["val_fraction"], seed=job["seed"])
+    return fit, held_out + synthetic_anomalies(held_out, job["synthetic"])
+
+
+def _save_checkpoint(directory: Path, method, optimizer, progress: dict[str, Any]) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in method.extractor.model.state_dict().items()}
+    save_file(state, str(directory / "backbone.safetensors"))
+    torch.save(optimizer.state_dict() if optimizer is not None else {}, directory / "optimizer.pt")
+    torch.save(method.state_dict(), directory / "method.pt")
+    (directory / "progress.json").write_text(json.dumps(progress))
+
+
+def _mean_over_ranks(value: float) -> float:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / torch.distributed.get_world_size()
+    return value
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker (see module docstring)."""
+    import ray.train
+    import ray.train.torch
+
+    job = config["job"]
+    torch.set_num_threads(job["cpus_per_worker"])
+    torch.manual_seed(job["seed"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    spec = MethodSpec.from_json(job["spec"])
+    method = build_method(spec, device, progress=False)
+    fit, validation = _split(job)
+    size, bs, nw = spec.image_size, job["batch_size"], job["loader_workers"]
+    val_loader = loader(validation, size, bs, nw)
+
+    progress: dict[str, Any] = {"epoch": 0, "history": [], "tags": {}, "restarts": 0, "final": False}
+    checkpoint = ray.train.get_checkpoint()
+    optimizer_state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt:
+            ckpt = Path(ckpt)
+            method.extractor.model.load_state_dict(load_file(str(ckpt / "backbone.safetensors")), strict=True)
+            method.load_state_dict(torch.load(ckpt / "method.pt", weights_only=True))
+            optimizer_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+            progress = json.loads((ckpt / "progress.json").read_text())
+        progress["restarts"] += 1
+        progress["resumed_from_epoch"] = progress["epoch"]
+    else:
+        progress["tags"] = method.begin_training(loader(fit, size, bs, nw), val_loader)
+
+    model = ray.train.torch.prepare_model(method.trainable())
+    optimizer = method.make_optimizer()
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)
+    train_loader = ray.train.torch.prepare_data_loader(
+        torch.utils.data.DataLoader(
+            ImageDataset(fit, size), batch_size=bs, shuffle=True, num_workers=nw, drop_last=len(fit) > bs
+        )
+    )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def report(final: bool) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                _save_checkpoint(Path(tmp), method, optimizer, progress)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            last = progress["history"][-1] if progress["history"] else {}
+            ray.train.report({**last, "epoch": progress["epoch"], "final": final}, checkpoint=ckpt)
+
+    stop = progress["final"]
+    while not stop and progress["epoch"] < method.epochs:
+        epoch = progress["epoch"] + 1
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        method.train_mode()
+        t0, total, batches = time.perf_counter(), 0.0, 0
+        for batch in train_loader:
+            loss = method.training_loss(batch, model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if method.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, method.max_grad_norm)
+            optimizer.step()
+            total, batches = total + float(loss.detach()), batches + 1
+        report_ = method.end_epoch(epoch, val_loader)
+        row = {
+            "epoch": epoch,
+            "loss": _mean_over_ranks(total / max(batches, 1)),
+            "epoch_seconds": time.perf_counter() - t0,
+            **report_.metrics,
+        }
+        progress["history"].append(row)
+        progress["epoch"] = epoch
+        stop = report_.stop
+        if stop:
+            progress["stopped_early"] = True
+        report(final=False)
+    if not progress["final"]:
+        method.end_training()
+        progress["final"] = True
+        report(final=True)
+
+
+def _use_gpu(setting: bool | str) -> bool:
+    import ray
+
+    if setting in (True, "true"):
+        return True
+    if setting in (False, "false"):
+        return False
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def ensure_ray() -> None:
+    """Attach to ``RAY_ADDRESS`` when set, else start (or reuse) a local cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, include_dashboard=False)
+
+
+def train(job: TrainJob, output: Path) -> TrainResult:
+    """Run ``job`` on the Ray cluster; copy the final adapted backbone and summary to ``output``.
+
+    ``output`` appears atomically (backbone.safetensors + summary.json). A finished output is reused.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from components.banks import replace_dir
+
+    output = Path(output)
+    if (output / "summary.json").is_file():
+        return TrainResult(output, json.loads((output / "summary.json").read_text()))
+    ensure_ray()
+    use_gpu = _use_gpu(job.use_gpu)
+    payload = {
+        **{k: v for k, v in job.__dict__.items() if k not in ("spec", "train")},
+        "spec": job.spec.to_json(),
+        "train": [absolute(s).__dict__ for s in job.train],  # workers may run in another folder
+        "synthetic": list(job.synthetic),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": payload},
+        scaling_config=ScalingConfig(
+            num_workers=job.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": job.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=job.run_key,
+            storage_path=str(Path(job.storage).resolve()),
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {job.run_key}: finished without a checkpoint")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        with result.checkpoint.as_directory() as ckpt:
+            progress = json.loads((Path(ckpt) / "progress.json").read_text())
+            if not progress.get("final"):
+                raise RuntimeError(f"training run {job.run_key}: last checkpoint is not final")
+            (tmp / "backbone.safetensors").write_bytes((Path(ckpt) / "backbone.safetensors").read_bytes())
+        summary = {
+            "epochs": progress["epoch"],
+            "history": progress["history"],
+            "tags": progress["tags"],
+            "restarts": progress["restarts"],
+            "stopped_early": progress.get("stopped_early", False),
+            "seconds": time.perf_counter() - t0,
+            "workers": job.num_workers,
+            "use_gpu": use_gpu,
+            "ray_run": str(Path(job.storage).resolve() / job.run_key),
+        }
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        replace_dir(tmp, output)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TrainResult(output, summary)

@@ -1,0 +1,125 @@
+"""`dvc repro` end to end on the embedded demo in a fresh copy of the repo, with the real services:
+DVC → Prefect (ephemeral API) → Ray Train (2 CPU workers, DDP) → faiss banks → metrics → MLflow (sqlite)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import repo_copy, service_env
+
+
+def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def versions(repo: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    return client.search_model_versions("name='adaptad-demo-deeppcb'")
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    """One `dvc repro` of a fresh copy (PANDA, 2 epochs at 128 px to fit CI) and its output."""
+    home = tmp_path_factory.mktemp("dvc")
+    repo = repo_copy(home / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["image_size"] = 128
+    params["methods"]["panda"].update(epochs=2, fisher_images=4)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "commit", "-qam", "ci params"], cwd=repo, check=True)
+    env = service_env(home)
+    first = run(["dvc", "repro"], repo, env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return repo, env, first
+
+
+def test_dvc_repro_runs_every_stage_with_real_services(repro) -> None:
+    repo, env, first = repro
+    for stage in ("prepare@demo", "pipeline", "promote"):
+        assert f"Running stage '{stage}'" in first.stdout
+    assert (repo / "manifests" / "demo.parquet").is_file()
+    metrics = json.loads((repo / "metrics" / "pipeline.json").read_text())
+    m = metrics["categories"]["deeppcb"]
+    assert metrics["method"] == "panda" and 0.0 <= m["image_auroc"] <= 1.0
+    assert m["pixel_auroc"] > 0.7, m  # SPADE-style maps on adapted features localise PCB defects
+    assert metrics["mean"]["aupro"] == m["aupro"]
+    assert (repo / "plots" / "roc" / "deeppcb.csv").is_file() and (
+        repo / "plots" / "pro" / "deeppcb.csv"
+    ).is_file()
+    # the Ray Train job ran with 2 DDP workers and wrote a checkpoint per epoch
+    run_dirs = list((repo / "runs" / "categories").iterdir())
+    assert len(run_dirs) == 1
+    summary = json.loads((run_dirs[0] / "trained" / "summary.json").read_text())
+    assert (
+        summary["workers"] == 2 and summary["epochs"] >= 1 and summary["tags"]["panda.regulariser"] == "ewc"
+    )
+    assert summary["tags"]["panda.fisher"].startswith("estimated:pretrained-predictive")
+    assert len(list((repo / "runs" / "ray" / run_dirs[0].name).glob("checkpoint_*/progress.json"))) >= 1
+    assert (run_dirs[0] / "evaluation" / "method" / "memory" / "global" / "index.faiss").is_file()
+    # MLflow: one version, challenger; the promote stage made it champion (no champion before)
+    (version,) = versions(repo)
+    assert version.tags["run_key"] == run_dirs[0].name and version.tags["method"] == "panda"
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    assert client.get_model_version_by_alias("adaptad-demo-deeppcb", "champion").version == version.version
+    promotion = json.loads((repo / "metrics" / "promotion.json").read_text())
+    assert promotion  # DVC metric of the promote stage
+    shown = run(["dvc", "metrics", "show"], repo, env, 120)
+    assert shown.returncode == 0 and "image_auroc" in shown.stdout and "deeppcb" in shown.stdout
+
+
+def test_second_repro_does_no_work(repro) -> None:
+    repo, env, _ = repro
+    again = run(["dvc", "repro"], repo, env, 300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Running stage" not in again.stdout, again.stdout
+    assert len(versions(repo)) == 1
+
+
+def test_pipeline_rerun_with_nothing_changed_reuses_every_step(repro) -> None:
+    """Bypassing DVC, the flow itself finds the run key's outputs and registers nothing twice."""
+    repo, env, _ = repro
+    again = run(["adaptad", "pipeline"], repo, env, 600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert "Cached(type=COMPLETED)" in log and "Started a local Ray instance" not in log, log[-3000:]
+    assert len(versions(repo)) == 1
+
+
+def test_bad_inputs_fail_clearly_and_register_nothing(repro, tmp_path) -> None:
+    repo, env, _ = repro
+    before = len(versions(repo))
+    bad = run(["adaptad", "pipeline", "-S", "methods.panda.lr=-1"], repo, env, 120)
+    assert bad.returncode == 2 and "panda" in bad.stderr, bad.stderr
+    bad = run(["adaptad", "pipeline", "-S", "train.num_workers=0"], repo, env, 120)
+    assert bad.returncode == 2 and "train.num_workers" in bad.stderr
+    unreachable = run(
+        ["adaptad", "pipeline", "-S", "method=patchcore"],
+        repo,
+        env | {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
+        120,
+    )
+    assert unreachable.returncode == 2 and "http://127.0.0.1:9" in unreachable.stderr, unreachable.stderr
+    # a truncated image in the dataset: prepare names it, exit != 0, the old manifest stays intact
+    manifest = (repo / "manifests" / "demo.parquet").read_bytes()
+    broken = repo / "data" / "demo" / "deeppcb" / "train" / "good" / "zz_truncated.png"
+    good = next((repo / "data" / "demo" / "deeppcb" / "train" / "good").glob("*.png"))
+    broken.write_bytes(good.read_bytes()[:300])
+    try:
+        failed = run(["dvc", "repro"], repo, env, 300)
+        assert failed.returncode != 0 and "zz_truncated.png" in failed.stdout + failed.stderr
+        assert not (repo / "manifests" / "demo.parquet").exists() or (
+            (repo / "manifests" / "demo.parquet").read_bytes() == manifest
+        )
+        assert "Running stage 'pipeline'" not in failed.stdout
+    finally:
+        broken.unlink()
+    assert len(versions(repo)) == before

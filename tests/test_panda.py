@@ -1,0 +1,134 @@
+"""PANDA on real images and real ImageNet weights: frozen stages, fixed centre, EWC, early stopping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from components.data import scan_mvtec, split_validation, synthetic_anomalies
+from components.evaluation import loader
+from components.methods import MethodSpec, build_method, load_method
+from components.methods.panda import stage_boundary
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def kolektor(industrial_root):
+    samples = scan_mvtec(industrial_root, "kolektorsdd")
+    train = [s for s in samples if s.split == "train"][:20]
+    fit, held = split_validation(train, 0.3)
+    return fit, held + synthetic_anomalies(held)
+
+
+def panda(**params):
+    spec = MethodSpec("panda", "tf_efficientnet_lite0", "pypi", None, SIZE, {"gallery": 2, **params})
+    return build_method(spec, "cpu", progress=False)
+
+
+def test_only_the_last_stages_train_and_batchnorm_stays_in_eval() -> None:
+    m = panda(trainable_stages=2)
+    trainable = {n for n, p in m.extractor.model.named_parameters() if p.requires_grad}
+    assert trainable == set(stage_boundary(m.extractor, 2)) and trainable
+    assert all(n.startswith(("blocks.3", "blocks.4", "blocks.5", "blocks.6")) for n in trainable)
+    assert not any(n.startswith(("conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2")) for n in trainable)
+    m.train_mode()
+    norms = [mod for mod in m.extractor.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    assert norms and not any(mod.training for mod in norms)
+    with pytest.raises(ValueError, match="trainable_stages=9"):
+        panda(trainable_stages=9)
+
+
+def _train(m, fit, validation, epochs: int) -> list[float]:
+    m.begin_training(loader(fit, SIZE, 7, 0), loader(validation, SIZE, 8, 0))
+    opt = m.make_optimizer()
+    losses = []
+    for epoch in range(1, epochs + 1):
+        m.train_mode()
+        for batch in loader(fit, SIZE, 7, 0):
+            loss = m.training_loss(batch, m.extractor)
+            opt.zero_grad()
+            loss.backward()
+            if m.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in m.param_groups() for p in g["params"]], m.max_grad_norm
+                )
+            opt.step()
+            losses.append(float(loss.detach()))
+        report = m.end_epoch(epoch, loader(validation, SIZE, 8, 0))
+        assert 0 <= report.metrics["val_auroc"] <= 1
+    return losses
+
+
+def test_compactness_loss_pulls_features_to_the_fixed_centre(kolektor) -> None:
+    fit, validation = kolektor
+    m = panda(epochs=4, lr=0.01, max_grad_norm=None, early_stopping=False)
+    losses = _train(m, fit, validation, 4)
+    center = m.center.clone()
+    assert losses[-1] < losses[0]  # adaptation really moves the features towards c
+    assert torch.equal(center, m.center)  # c is the pretrained mean, fixed
+
+
+def test_ewc_penalty_is_zero_at_the_pretrained_weights_and_grows_away_from_them(kolektor, tmp_path) -> None:
+    fit, validation = kolektor
+    m = panda(epochs=1, ewc=True, fisher_images=3)
+    tags = m.begin_training(loader(fit, SIZE, 7, 0), loader(validation, SIZE, 8, 0))
+    assert tags["panda.fisher"] == "estimated:pretrained-predictive:3-images"
+    assert set(m.fisher) == set(m.trainable_names)
+    assert all((f >= 0).all() for f in m.fisher.values()) and any(f.sum() > 0 for f in m.fisher.values())
+    batch = next(iter(loader(fit, SIZE, 4, 0)))
+    m.ewc = False
+    plain = float(m.training_loss(batch, m.extractor).detach())
+    m.ewc = True
+    assert float(m.training_loss(batch, m.extractor).detach()) == pytest.approx(plain, rel=1e-6)
+    with torch.no_grad():
+        for p in m._params.values():
+            p.add_(0.01)
+    m.ewc = False
+    moved = float(m.training_loss(batch, m.extractor).detach())
+    m.ewc = True
+    assert float(m.training_loss(batch, m.extractor).detach()) > moved
+    # a Fisher file in the backbone's parameter names is used as given
+    save_file({n: torch.ones_like(f) for n, f in m.fisher.items()}, str(tmp_path / "fisher.safetensors"))
+    m2 = panda(epochs=1, ewc=True, fisher=str(tmp_path / "fisher.safetensors"))
+    tags = m2.begin_training(loader(fit, SIZE, 7, 0), loader(validation, SIZE, 8, 0))
+    assert tags["panda.fisher"].startswith("file:") and all(torch.all(f == 1) for f in m2.fisher.values())
+    with pytest.raises(ValueError, match=r"fisher=.*missing\.safetensors: file not found"):
+        panda(epochs=1, ewc=True, fisher=str(tmp_path / "missing.safetensors")).begin_training(
+            loader(fit, SIZE, 7, 0), loader(validation, SIZE, 8, 0)
+        )
+
+
+def test_early_stopping_keeps_the_best_epoch_and_restores_it(kolektor) -> None:
+    fit, validation = kolektor
+    m = panda(epochs=3, lr=0.5, max_grad_norm=None, patience=1)
+    m.begin_training(loader(fit, SIZE, 7, 0), loader(validation, SIZE, 8, 0))
+    best0 = m.best["auroc"]
+    m.best["auroc"] = 2.0  # no epoch can beat this: the pretrained weights must come back
+    opt = m.make_optimizer()
+    m.train_mode()
+    for batch in loader(fit, SIZE, 7, 0):
+        loss = m.training_loss(batch, m.extractor)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    report = m.end_epoch(1, loader(validation, SIZE, 8, 0))
+    assert report.stop and 0 <= best0 <= 1
+    m.end_training()
+    assert all(torch.equal(p.detach().cpu(), m.theta0[n]) for n, p in m._params.items())
+
+
+def test_fitted_panda_saves_and_loads_exactly(kolektor, tmp_path) -> None:
+    fit, validation = kolektor
+    m = panda(epochs=1, lr=0.05, max_grad_norm=None)
+    _train(m, fit, validation, 1)
+    m.end_training()
+    m.fit(loader(fit, SIZE, 8, 0))
+    m.save(tmp_path / "panda")
+    again = load_method(tmp_path / "panda", "cpu")
+    batch = next(iter(loader(validation, SIZE, 6, 0)))["image"]
+    a, b = m.predict(batch), again.predict(batch)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+    np.testing.assert_allclose(a.maps, b.maps, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,69 @@
+"""params.yaml schema: the repo's file is valid, bad values name their key, the run key is a content hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.params import ParamsError, load_params, method_knobs, run_key
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+
+
+def test_repo_params_are_valid_and_default_to_the_demo() -> None:
+    p = load_params(PARAMS)
+    assert p.dataset == "demo" and p.data.root == "data/demo" and p.data.categories == ["deeppcb"]
+    assert p.spec().method == p.method and p.spec().params == p.methods.get(p.method, {})
+    assert p.manifest_path() == Path("manifests/demo.parquet")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"method": "resnet"}, "method: unknown method 'resnet'"),
+        ({"train.num_workers": 0}, "train.num_workers: Input should be greater than or equal to 1"),
+        ({"dataset": "mvtec"}, "dataset: 'mvtec' is not declared under datasets"),
+        ({"methods.panda.learning_rate": 0.1}, "methods.panda.learning_rate: not a knob of panda"),
+        ({"image_size": "big"}, "image_size: Input should be a valid integer"),
+        ({"promote.gates.min_image_auroc": 2}, "promote.gates.min_image_auroc: Input should be less than"),
+        ({"train.typo": 1}, "train.typo: Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_values_name_the_key(overrides, message) -> None:
+    with pytest.raises(ParamsError, match="params.yaml: " + message.replace("(", r"\(")):
+        load_params(PARAMS, overrides)
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("method: [unclosed")
+    with pytest.raises(ParamsError, match=r"bad\.yaml: cannot read YAML"):
+        load_params(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(tmp_path / "list.yaml")
+
+
+def test_method_knobs_follow_the_constructor_chain() -> None:
+    assert {"epochs", "ewc", "ewc_lambda", "fisher", "k", "gallery", "sigma"} <= method_knobs("panda")
+    assert "coreset_ratio" in method_knobs("patchcore") and "k" not in method_knobs("patchcore")
+
+
+def test_run_key_changes_with_what_matters_only() -> None:
+    p = load_params(PARAMS)
+    base = run_key(p, "deeppcb", "data-v1", code="c1")
+    assert base == run_key(load_params(PARAMS), "deeppcb", "data-v1", code="c1")  # deterministic
+    assert len(base) == 16
+    assert run_key(p, "other", "data-v1", code="c1") != base
+    assert run_key(p, "deeppcb", "data-v2", code="c1") != base
+    assert run_key(p, "deeppcb", "data-v1", code="c2") != base
+    assert run_key(load_params(PARAMS, {"methods.panda.lr": 0.5}), "deeppcb", "data-v1", code="c1") != base
+    assert run_key(load_params(PARAMS, {"method": "patchcore"}), "deeppcb", "data-v1", code="c1") != base
+    # where things are stored and how often a job may fail do not change the result
+    same = load_params(
+        PARAMS, {"train.storage": "/elsewhere", "train.max_failures": 5, "mlflow.tracking_uri": "x"}
+    )
+    assert run_key(same, "deeppcb", "data-v1", code="c1") == base

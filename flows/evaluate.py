@@ -119,3 +119,11 @@ def read_run(directory: str | Path) -> dict[str, Any] | None:
     """The metrics.json of a finished run folder, or None when the folder is absent."""
     path = Path(directory) / "metrics.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def evaluate_in_ray_task(job: CategoryJob, directory: str, threads: int) -> dict[str, Any]:
+    """:func:`evaluate_category` inside a Ray task (importable by workers: flows may load by file path)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return evaluate_category(job, directory)

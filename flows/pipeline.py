@@ -25,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.data import DataError, Sample, manifest_version, read_manifest
 from components.methods import method_class
-from flows.evaluate import METRIC_KEYS, CategoryJob, evaluate_category, read_run
+from flows.evaluate import METRIC_KEYS, CategoryJob, evaluate_category, evaluate_in_ray_task, read_run
 from flows.params import Params, check_method, load_params, run_key
 from flows.train import TrainJob, absolute, ensure_ray, train
 
@@ -77,7 +77,7 @@ def evaluate_task(
     samples: list[Sample],
     training: dict[str, Any],
 ) -> dict[str, Any]:
-    """Build banks with the (adapted) backbone and evaluate the test split as a Ray task (GPU if any)."""
+    """Build banks with the (adapted) backbone and evaluate the test split (a Ray task on a cluster)."""
     import ray
 
     run_dir = Path(params.pipeline.runs_dir).resolve() / key / "evaluation"
@@ -98,22 +98,22 @@ def evaluate_task(
         trained=Path(training["directory"]) if training else None,
         training=training,
     )
-    ensure_ray()
-    use_gpu = params.evaluate.use_gpu in (True, "true") or (
-        params.evaluate.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
-    )
-    cpus = min(
-        params.train.num_workers * params.train.cpus_per_worker, int(ray.cluster_resources().get("CPU", 1))
-    )
-    remote = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_retries=0)(_evaluate_remote)
-    return ray.get(remote.remote(job, str(run_dir), cpus))
-
-
-def _evaluate_remote(job: CategoryJob, run_dir: str, threads: int) -> dict[str, Any]:
-    import torch
-
-    torch.set_num_threads(threads)
-    return evaluate_category(job, run_dir)
+    t0 = time.perf_counter()
+    if not os.environ.get("RAY_ADDRESS"):  # embedded: evaluate here (CUDA when this machine has it)
+        result = evaluate_category(
+            job, run_dir, "cpu" if params.evaluate.use_gpu in (False, "false") else None
+        )
+    else:  # a cluster: a Ray task, on a GPU node when the cluster has GPUs
+        ensure_ray()
+        use_gpu = params.evaluate.use_gpu in (True, "true") or (
+            params.evaluate.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+        )
+        cpus = params.train.num_workers * params.train.cpus_per_worker
+        cpus = max(1, min(cpus, int(ray.cluster_resources().get("CPU", 1))))
+        remote = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_retries=0)(evaluate_in_ray_task)
+        result = ray.get(remote.remote(job, str(run_dir), cpus))
+    get_run_logger().info("%s: banks + evaluation in %.1f s", category, time.perf_counter() - t0)
+    return result
 
 
 @task(name="log-and-register", cache_key_fn=_key("mlflow"), persist_result=True)
@@ -121,8 +121,10 @@ def log_task(key: str, params: Params, category: str, evaluation: dict[str, Any]
     """One MLflow run with params, curves, artifacts and the pyfunc model; a version with alias challenger."""
     from flows.tracking import log_run
 
-    run_dir = Path(params.pipeline.runs_dir) / key / "evaluation"
-    return log_run(run_dir, params)
+    t0 = time.perf_counter()
+    logged = log_run(Path(params.pipeline.runs_dir) / key / "evaluation", params)
+    get_run_logger().info("%s: MLflow run + registration in %.1f s", category, time.perf_counter() - t0)
+    return logged
 
 
 @task(name="category")
@@ -158,6 +160,14 @@ def load_category_samples(params: Params) -> dict[str, tuple[list[Sample], str]]
         mask = [c == category for c in table.column("category").to_pylist()]
         out[category] = (rows, manifest_version(table.filter(mask)))
     return out
+
+
+def _reason(err: BaseException) -> str:
+    """One line: the error's type and message (the original one when a DataLoader worker wrapped it)."""
+    name, message = type(err).__name__, str(err)
+    if "Traceback" in message and f"{name}: " in message:
+        message = message.rsplit(f"{name}: ", 1)[-1]
+    return " ".join(f"{name}: {message}".split())[:300]
 
 
 def _fmt(v: Any) -> str:
@@ -235,6 +245,15 @@ def pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | None 
     from flows.params import code_version
 
     code = code_version()
+    untrained = [
+        c
+        for c, (_, version) in categories.items()
+        if not (
+            Path(params.pipeline.runs_dir) / run_key(params, c, version, code) / "trained" / "summary.json"
+        ).is_file()
+    ]
+    if (trains(params) and untrained) or os.environ.get("RAY_ADDRESS"):
+        ensure_ray()  # here, on the flow's thread: Ray's local processes live as long as it does
     task_opts = {
         "retries": params.pipeline.retries,
         "retry_delay_seconds": params.pipeline.retry_delay_seconds,
@@ -265,7 +284,7 @@ def pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | None 
                 future.result()
                 failed[category] = state.name
             except Exception as err:  # the category's own error, shown in the failure message
-                failed[category] = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+                failed[category] = _reason(err)
     write_dvc_outputs(params, results)
     markdown = results_markdown(params, results, failed)
     create_markdown_artifact(

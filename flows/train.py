@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         progress["restarts"] += 1
         progress["resumed_from_epoch"] = progress["epoch"]
     else:
+        t_begin = time.perf_counter()
         progress["tags"] = method.begin_training(loader(fit, size, bs, nw), val_loader)
+        progress["begin_seconds"] = time.perf_counter() - t_begin
 
     model = ray.train.torch.prepare_model(method.trainable())
     optimizer = method.make_optimizer()
@@ -184,12 +187,27 @@ def _use_gpu(setting: bool | str) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def storage_uri(storage: str) -> str:
+    """Ray Train storage: a URI (s3://, gs://, ...) as given, a local path made absolute."""
+    return storage if "://" in storage else str(Path(storage).resolve())
+
+
+_RAY_LOCK = threading.Lock()
+
+
 def ensure_ray() -> None:
-    """Attach to ``RAY_ADDRESS`` when set, else start (or reuse) a local cluster."""
+    """Attach to ``RAY_ADDRESS`` when set, else start (or reuse) a local cluster. Thread-safe.
+
+    Call it from a thread that outlives the work (the flow's main thread): Ray ties the local cluster's
+    processes to the thread that started them (PR_SET_PDEATHSIG).
+    """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, include_dashboard=False)
+    with _RAY_LOCK:
+        if not ray.is_initialized():
+            ray.init(
+                address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, include_dashboard=False
+            )
 
 
 def train(job: TrainJob, output: Path) -> TrainResult:
@@ -223,7 +241,7 @@ def train(job: TrainJob, output: Path) -> TrainResult:
         ),
         run_config=RunConfig(
             name=job.run_key,
-            storage_path=str(Path(job.storage).resolve()),
+            storage_path=storage_uri(job.storage),
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -248,10 +266,11 @@ def train(job: TrainJob, output: Path) -> TrainResult:
             "tags": progress["tags"],
             "restarts": progress["restarts"],
             "stopped_early": progress.get("stopped_early", False),
+            "begin_seconds": progress.get("begin_seconds", 0.0),
             "seconds": time.perf_counter() - t0,
             "workers": job.num_workers,
             "use_gpu": use_gpu,
-            "ray_run": str(Path(job.storage).resolve() / job.run_key),
+            "ray_run": f"{storage_uri(job.storage).rstrip('/')}/{job.run_key}",
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         replace_dir(tmp, output)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,8 @@ def service_env(home: Path) -> dict[str, str]:
     env.update(
         PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
         RAY_AUTH_MODE="disabled",
-        RAY_TMPDIR=str(home / "ray-tmp"),
+        # Ray's socket paths must stay under 107 bytes: a short folder of its own under /tmp
+        RAY_TMPDIR=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
         PREFECT_HOME=str(home / "prefect-home"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
@@ -77,7 +79,6 @@ def service_env(home: Path) -> dict[str, str]:
     )
     for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
         env.pop(key, None)
-    (home / "ray-tmp").mkdir(parents=True, exist_ok=True)
     return env
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,8 +23,7 @@ def ray_cluster(tmp_path_factory):
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    tmp = tmp_path_factory.mktemp("ray")
-    os.environ.setdefault("RAY_TMPDIR", str(tmp))
+    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short socket paths
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

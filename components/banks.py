@@ -173,6 +173,21 @@ def _add_calibrated(index: faiss.IndexIVF, x: np.ndarray, target: float, rng: np
     return min(2 * nprobe, index.nlist)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and os.replace."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """Move the finished directory ``tmp`` to ``target``, replacing an old one without a gap of garbage."""
     if target.exists():

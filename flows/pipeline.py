@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from components.banks import replace_dir, write_text_atomic
 from components.data import DataError, Sample, manifest_version, read_manifest
 from components.methods import method_class
 from flows.evaluate import METRIC_KEYS, CategoryJob, evaluate_category, evaluate_in_ray_task, read_run
@@ -191,14 +192,6 @@ def results_markdown(params: Params, results: dict[str, dict], failed: dict[str,
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_dvc_outputs(params: Params, results: dict[str, dict]) -> None:
     """metrics/pipeline.json (per category and mean) and plots/{roc,pro}/<category>.csv."""
     per_category = {c: {k: r["metrics"][k] for k in METRIC_KEYS} for c, r in results.items()}
@@ -213,18 +206,16 @@ def write_dvc_outputs(params: Params, results: dict[str, dict]) -> None:
         "categories": {c: clean(v) for c, v in per_category.items()},
         "mean": clean(mean),
     }
-    _atomic_write(Path(params.pipeline.metrics_file), json.dumps(doc, indent=2))
+    write_text_atomic(params.pipeline.metrics_file, json.dumps(doc, indent=2))
     plots = Path(params.pipeline.plots_dir)
+    plots.mkdir(parents=True, exist_ok=True)
     for kind in ("roc", "pro"):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}.", dir=plots.parent if plots.parent != Path() else None))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}.", dir=plots))  # same filesystem: rename is atomic
         try:
             for category, r in results.items():
                 src = Path(params.pipeline.runs_dir) / r["run_key"] / "evaluation" / f"{kind}.csv"
                 if src.is_file():
                     shutil.copy(src, tmp / f"{category}.csv")
-            (plots).mkdir(parents=True, exist_ok=True)
-            from components.banks import replace_dir
-
             replace_dir(tmp, plots / kind)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -283,17 +282,10 @@ def _metrics_entry(summary: dict[str, Any]) -> dict[str, Any]:
 
 def write_decisions(path: str | os.PathLike, decisions: dict[str, dict[str, Any]]) -> Path:
     """Write ``{category: {promoted, changed, versions, metrics}}`` atomically (temp file + os.replace)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({c: _metrics_entry(s) for c, s in decisions.items()}, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from components.banks import write_text_atomic
+
+    doc = {c: _metrics_entry(s) for c, s in decisions.items()}
+    target = write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
     return target
 
 

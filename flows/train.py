@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -275,7 +276,5 @@ def train(job: TrainJob, output: Path) -> TrainResult:
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         replace_dir(tmp, output)
     finally:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return TrainResult(output, summary)

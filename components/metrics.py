@@ -271,6 +271,15 @@ def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(y, s))
 
 
+def validation_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC of label 1 vs 0 for model selection: NaN (never "best") when a class is missing or any score
+    is non-finite (a diverged model), instead of an error."""
+    labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
+    if len(np.unique(labels)) < 2 or not np.isfinite(scores).all():
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
 def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
     """Pixel-level AUROC over every pixel of every image (equal to sklearn ``roc_auc_score``)."""
     m, g = _check_pair(maps, masks, "maps", "masks")

@@ -2,7 +2,7 @@
 
 A run folder (``runs/categories/<run key>/``) appears atomically, complete or not at all:
 
-- ``method/``        the fitted method (spec.json, backbone.safetensors, memory/ with faiss banks)
+- ``method/``        the fitted method (spec.json, <network>.safetensors, memory/ with faiss banks)
 - ``metrics.json``   image/pixel AUROC, AUPRO@0.3, F1-max, timings, and the run's identity
 - ``scores.parquet`` per-image scores; ``roc.csv`` / ``pro.csv`` curves; ``heatmaps.png``, ``curves.png``
 - ``history.json``   per-epoch training signals; ``train.json`` training summary and tags
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from components.banks import replace_dir
 from components.data import Sample
 from components.evaluation import fit_and_evaluate
-from components.methods import MethodSpec, build_method
+from components.methods import MethodSpec, build_method, load_networks
 from components.metrics import pro_curve_table, roc_curve_table
 from components.plots import curves_plot, heatmap_grid
 
@@ -48,7 +48,7 @@ class CategoryJob:
     masks: bool = True
     batch_size: int = 16
     loader_workers: int = 1
-    trained: Path | None = None  # folder with backbone.safetensors from the training job
+    trained: Path | None = None  # folder with the trained networks (<name>.safetensors) of the training job
     training: dict[str, Any] = field(default_factory=dict)  # summary: epochs, tags, history, ...
 
 
@@ -57,22 +57,13 @@ def _write_csv(columns: dict[str, np.ndarray], path: Path) -> None:
 
 
 def evaluate_category(job: CategoryJob, directory: str | Path, device: str | None = None) -> dict[str, Any]:
-    """Fit the method on the category's train images, evaluate the test split, write the run folder."""
-    t0 = time.perf_counter()
-    method = build_method(job.spec, device, progress=False)
-    if job.trained is not None:
-        from safetensors.torch import load_file
+    """Fit the method on the category's train images, evaluate the test split, write the run folder.
 
-        method.extractor.model.load_state_dict(
-            load_file(str(job.trained / "backbone.safetensors")), strict=True
-        )
-    method.extractor.eval()
-    result = fit_and_evaluate(method, job.train, job.test, job.batch_size, job.loader_workers, job.masks)
-    labels = np.array([s.label for s in job.test])
-    metrics: dict[str, Any] = {k: float(result.metrics[k]) for k in METRIC_KEYS}
-    metrics |= {k: float(v) for k, v in result.timings.items()}
-    metrics |= {
-        "evaluate_seconds": time.perf_counter() - t0,
+    A run the collapse monitor stopped is not evaluated (its model is discarded, the test split stays
+    untouched): its folder records the training only, with NaN test metrics.
+    """
+    t0 = time.perf_counter()
+    training_metrics = {
         "train_seconds": float(job.training.get("seconds", 0.0)),
         "epochs": float(job.training.get("epochs", 0)),
     }
@@ -82,26 +73,18 @@ def evaluate_category(job: CategoryJob, directory: str | Path, device: str | Non
         "run_key": job.run_key,
         "data_version": job.data_version,
         "method": job.spec.method,
-        "spec": job.spec.to_json() | {"levels": list(method.extractor.levels)},
-        "device": str(method.device),
+        "spec": job.spec.to_json(),
+        "collapsed": job.training.get("collapsed"),  # the collapse monitor's verdict, None when healthy
     }
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        method.save(tmp / "method")
-        pq.write_table(result.table(), tmp / "scores.parquet")
-        roc = roc_curve_table(result.scores, labels)
-        _write_csv({"fpr": roc["fpr"], "tpr": roc["tpr"]}, tmp / "roc.csv")
-        pro = pro_curve_table(result.maps, result.masks) if job.masks and result.masks.any() else None
-        if pro is not None:
-            _write_csv(pro, tmp / "pro.csv")
-        spec = job.spec
-        title = f"{job.dataset}/{job.category} · {spec.method} · {spec.backbone} @ {spec.image_size}px"
-        heatmap_grid(
-            result.samples, result.scores, result.maps, result.masks, tmp / "heatmaps.png", title=title
-        )
-        curves_plot(roc, pro, metrics, tmp / "curves.png", title=title)
+        if identity["collapsed"]:
+            metrics = dict.fromkeys(METRIC_KEYS, float("nan")) | training_metrics
+        else:
+            metrics = _evaluate_into(job, tmp, device, identity) | training_metrics
+        metrics["evaluate_seconds"] = time.perf_counter() - t0
         (tmp / "history.json").write_text(json.dumps(job.training.get("history", []), indent=2))
         (tmp / "train.json").write_text(
             json.dumps({k: v for k, v in job.training.items() if k != "history"}, indent=2)
@@ -113,6 +96,32 @@ def evaluate_category(job: CategoryJob, directory: str | Path, device: str | Non
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return identity | {"metrics": metrics}
+
+
+def _evaluate_into(job: CategoryJob, tmp: Path, device: str | None, identity: dict[str, Any]) -> dict:
+    """Fit + score + metrics; writes the method, scores, curves and figures into ``tmp``."""
+    method = build_method(job.spec, device, progress=False)
+    if job.trained is not None:
+        load_networks(method, job.trained)
+    method.extractor.eval()
+    result = fit_and_evaluate(method, job.train, job.test, job.batch_size, job.loader_workers, job.masks)
+    identity["spec"] |= {"levels": list(method.extractor.levels)}
+    identity["device"] = str(method.device)
+    labels = np.array([s.label for s in job.test])
+    metrics: dict[str, Any] = {k: float(result.metrics[k]) for k in METRIC_KEYS}
+    metrics |= {k: float(v) for k, v in result.timings.items()}
+    method.save(tmp / "method")
+    pq.write_table(result.table(), tmp / "scores.parquet")
+    roc = roc_curve_table(result.scores, labels)
+    _write_csv({"fpr": roc["fpr"], "tpr": roc["tpr"]}, tmp / "roc.csv")
+    pro = pro_curve_table(result.maps, result.masks) if job.masks and result.masks.any() else None
+    if pro is not None:
+        _write_csv(pro, tmp / "pro.csv")
+    spec = job.spec
+    title = f"{job.dataset}/{job.category} · {spec.method} · {spec.backbone} @ {spec.image_size}px"
+    heatmap_grid(result.samples, result.scores, result.maps, result.masks, tmp / "heatmaps.png", title=title)
+    curves_plot(roc, pro, metrics, tmp / "curves.png", title=title)
+    return metrics
 
 
 def read_run(directory: str | Path) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.methods import METHODS, MethodSpec
+from components.monitor import CollapseThresholds
 
 DEFAULT_PARAMS = Path("params.yaml")
 CODE_ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,33 @@ class Dataset(Strict):
     masks: bool = True
 
 
+_DEFAULT = CollapseThresholds()
+
+
+class Collapse(Strict):
+    """The collapse monitor of every fine-tuned run (components/monitor.py); a null limit is off."""
+
+    enabled: bool = True
+    min_rank_ratio: float | None = Field(
+        _DEFAULT.min_rank_ratio, ge=0, le=1, description="effective rank / pretrained"
+    )
+    min_knn_overlap: float | None = Field(
+        _DEFAULT.min_knn_overlap, ge=0, le=1, description="kNN-graph overlap with pretrained"
+    )
+    max_separation_drop: float | None = Field(
+        _DEFAULT.max_separation_drop, ge=0, le=1, description="pretrained − current val AUROC"
+    )
+    max_drift: float | None = Field(
+        _DEFAULT.max_drift, ge=0, description="mean ||f − f0|| / ||f0|| of val features"
+    )
+    knn: int = Field(_DEFAULT.knn, ge=1)
+    reference_images: int = Field(_DEFAULT.reference_images, ge=2)
+
+    def thresholds(self) -> dict[str, Any] | None:
+        """CollapseThresholds keyword arguments, or None when the monitor is off."""
+        return self.model_dump(exclude={"enabled"}) if self.enabled else None
+
+
 class Train(Strict):
     batch_size: int = Field(16, gt=0)
     val_fraction: float = Field(0.2, gt=0, lt=1)
@@ -45,6 +73,7 @@ class Train(Strict):
     max_failures: int = Field(2, ge=0)
     storage: str = "runs/ray"
     loader_workers: int = Field(0, ge=0)
+    collapse: Collapse = Collapse()
 
 
 class Evaluate(Strict):
@@ -180,10 +209,22 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS, overrides: dict[str, A
     return params
 
 
+#: method knobs that name an input folder or file (checked before anything starts)
+PATH_KNOBS = {"outliers": "folder", "anchors": "folder", "fisher": "file"}
+
+
 def check_method(params: Params, path: str | os.PathLike = DEFAULT_PARAMS) -> None:
     """Build the method once with random weights on the CPU so that bad knob values fail up front."""
     from components.backbones import BackboneError
     from components.methods import build_method
+
+    for knob, kind in PATH_KNOBS.items():
+        value = params.method_params().get(knob)
+        if value in (None, "", "estimate"):
+            continue
+        exists = Path(value).is_dir() if kind == "folder" else Path(value).is_file()
+        if not exists:
+            raise ParamsError(f"{path}: methods.{params.method}.{knob}: {value}: no such {kind}")
 
     try:
         build_method(params.spec(), "cpu", progress=False, weights="none").extractor.check_image_size(

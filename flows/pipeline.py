@@ -39,6 +39,19 @@ def trains(params: Params) -> bool:
     return int(params.method_params().get("epochs", knobs["epochs"].default)) > 0
 
 
+def dataset_scope(params: Params) -> bool:
+    """Whether one training job covers every category of the dataset (e.g. TPTL), then per-category banks."""
+    return method_class(params.method).scope == "dataset" and trains(params)
+
+
+def dataset_version(categories: dict[str, tuple[list[Sample], str]]) -> str:
+    """The data version of a whole dataset: a hash of its categories' versions."""
+    import hashlib
+
+    text = "\n".join(f"{c}\t{v}" for c, (_, v) in sorted(categories.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _key(suffix: str):
     return lambda context, arguments: f"{arguments['key']}-{suffix}"
 
@@ -61,12 +74,19 @@ def train_task(key: str, params: Params, category: str, train_samples: list[Samp
         use_gpu=t.use_gpu,
         max_failures=t.max_failures,
         storage=t.storage,
+        collapse=t.collapse.thresholds(),
     )
     result = train(job, Path(params.pipeline.runs_dir) / key / "trained")
     get_run_logger().info(
         "%s: trained %s epochs in %.1f s", category, result.summary["epochs"], result.summary["seconds"]
     )
-    return {"directory": str(result.directory.resolve()), **result.summary}
+    if result.summary.get("collapsed"):
+        get_run_logger().warning(
+            "%s: the collapse monitor stopped training (%s): the run will not be registered",
+            category,
+            result.summary["collapsed"]["reason"],
+        )
+    return {"directory": str(result.directory.resolve()), "run_key": key, **result.summary}
 
 
 @task(name="evaluate", cache_key_fn=_key("evaluate"), persist_result=True)
@@ -128,20 +148,41 @@ def log_task(key: str, params: Params, category: str, evaluation: dict[str, Any]
     return logged
 
 
+def category_key(params: Params, category: str, version: str, code: str, shared: str | None = None) -> str:
+    """The category's run key; with a dataset-wide training job its key (``shared``) is part of it."""
+    return run_key(params, category, f"{version}+{shared}" if shared else version, code)
+
+
 @task(name="category")
 def category_task(
-    params: Params, category: str, samples: list[Sample], version: str, code: str
+    params: Params,
+    category: str,
+    samples: list[Sample],
+    version: str,
+    code: str,
+    shared: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train (when the method trains), evaluate and register one category."""
-    key = run_key(params, category, version, code)
-    training = (
-        train_task(key, params, category, [s for s in samples if s.split == "train"])
-        if trains(params)
-        else {}
-    )
+    """Train (when the method trains), evaluate and register one category.
+
+    ``shared`` is the result of a dataset-wide training job (dataset-scope methods): then the category
+    only builds its banks with that backbone, is evaluated and registered.
+    """
+    key = category_key(params, category, version, code, shared["run_key"] if shared else None)
+    if shared is not None:
+        training = shared
+    elif trains(params):
+        training = train_task(key, params, category, [s for s in samples if s.split == "train"])
+    else:
+        training = {}
     evaluation = evaluate_task(key, params, category, version, samples, training)
     logged = log_task(key, params, category, evaluation)
-    return {"category": category, "run_key": key, "metrics": evaluation["metrics"], "mlflow": logged}
+    return {
+        "category": category,
+        "run_key": key,
+        "metrics": evaluation["metrics"],
+        "mlflow": logged,
+        "collapsed": evaluation.get("collapsed"),
+    }
 
 
 def load_category_samples(params: Params) -> dict[str, tuple[list[Sample], str]]:
@@ -186,6 +227,8 @@ def results_markdown(params: Params, results: dict[str, dict], failed: dict[str,
     for category, r in results.items():
         m, logged = r["metrics"], r.get("mlflow") or {}
         version = f"{logged.get('model_name')} v{logged.get('version')}" if logged.get("version") else "—"
+        if r.get("collapsed"):
+            version = f"collapsed at epoch {r['collapsed']['epoch']}: not evaluated, not registered"
         lines.append(f"| {category} | " + " | ".join(_fmt(m[k]) for k in METRIC_KEYS) + f" | {version} |")
     for category, reason in failed.items():
         lines.append(f"| {category} | failed: {reason} ||||||")
@@ -195,10 +238,8 @@ def results_markdown(params: Params, results: dict[str, dict], failed: dict[str,
 def write_dvc_outputs(params: Params, results: dict[str, dict]) -> None:
     """metrics/pipeline.json (per category and mean) and plots/{roc,pro}/<category>.csv."""
     per_category = {c: {k: r["metrics"][k] for k in METRIC_KEYS} for c, r in results.items()}
-    mean = {
-        k: float(sum(v[k] for v in per_category.values()) / len(per_category)) if per_category else None
-        for k in METRIC_KEYS
-    }
+    finite = lambda k: [v[k] for v in per_category.values() if not math.isnan(v[k])]  # noqa: E731
+    mean = {k: float(sum(finite(k)) / len(finite(k))) if finite(k) else None for k in METRIC_KEYS}
     clean = lambda d: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}  # noqa: E731
     doc = {
         "dataset": params.dataset,
@@ -236,12 +277,14 @@ def pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | None 
     from flows.params import code_version
 
     code = code_version()
+    shared_key = (
+        run_key(params, "dataset:" + params.dataset, dataset_version(categories), code)
+        if dataset_scope(params)
+        else None
+    )
+    keys = [shared_key] if shared_key else [run_key(params, c, v, code) for c, (_, v) in categories.items()]
     untrained = [
-        c
-        for c, (_, version) in categories.items()
-        if not (
-            Path(params.pipeline.runs_dir) / run_key(params, c, version, code) / "trained" / "summary.json"
-        ).is_file()
+        k for k in keys if not (Path(params.pipeline.runs_dir) / k / "trained" / "summary.json").is_file()
     ]
     if (trains(params) and untrained) or os.environ.get("RAY_ADDRESS"):
         ensure_ray()  # here, on the flow's thread: Ray's local processes live as long as it does
@@ -249,8 +292,14 @@ def pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | None 
         "retries": params.pipeline.retries,
         "retry_delay_seconds": params.pipeline.retry_delay_seconds,
     }
-    run_category = category_task.with_options(**task_opts)
     t0 = time.perf_counter()
+    shared = None
+    if shared_key:  # one training job on every category's train images, then banks per category
+        every = [s for samples, _ in categories.values() for s in samples if s.split == "train"]
+        shared = train_task.with_options(**task_opts)(
+            shared_key, params, f"{params.dataset} (all categories)", every
+        )
+    run_category = category_task.with_options(**task_opts)
     pending = list(categories.items())
     running: dict[str, Any] = {}
     futures: dict[str, Any] = {}
@@ -258,7 +307,7 @@ def pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | None 
         while pending and len(running) < params.pipeline.concurrency:
             category, (samples, version) = pending.pop(0)
             running[category] = futures[category] = run_category.submit(
-                params, category, samples, version, code
+                params, category, samples, version, code, shared
             )
         for category, future in list(running.items()):
             future.wait(0.5)

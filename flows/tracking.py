@@ -233,6 +233,29 @@ def run_link(experiment: str, run_id: str) -> str:
     return f"{uri.rstrip('/')}/{route}" if urlparse(uri).scheme in ("http", "https") else route
 
 
+MONITOR_COLUMNS = ("effective_rank", "rank_ratio", "knn_overlap", "separation", "drift")
+
+
+def monitor_markdown(training: dict[str, Any]) -> str:
+    """The collapse monitor's summary: pretrained, selected and last epoch, and the verdict."""
+    rows = training.get("monitor") or []
+    if not rows:
+        return ""
+    collapsed = training.get("collapsed")
+    verdict = (
+        f"**COLLAPSED** at epoch {collapsed['epoch']}: {collapsed['reason']} — stopped, never a challenger"
+        if collapsed
+        else "healthy (no threshold crossed)"
+    )
+    shown = {0: "pretrained", rows[-1]["epoch"]: "last"}
+    lines = ["| epoch | " + " | ".join(MONITOR_COLUMNS) + " |", "|---" * (len(MONITOR_COLUMNS) + 1) + "|"]
+    for row in rows:
+        if row["epoch"] in shown:
+            label = f"{row['epoch']} ({shown[row['epoch']]})"
+            lines.append(f"| {label} | " + " | ".join(_fmt(row.get(k)) for k in MONITOR_COLUMNS) + " |")
+    return f"**Collapse monitor** — {verdict}\n\n" + "\n".join(lines) + "\n\n"
+
+
 def version_description(record: dict[str, Any], training: dict[str, Any], link: str, run_name: str) -> str:
     """Markdown a reviewer reads on the model version page."""
     metrics = record.get("metrics", {})
@@ -252,6 +275,7 @@ def version_description(record: dict[str, Any], training: dict[str, Any], link: 
         f"**Method** `{record.get('method')}`\n\n| spec | value |\n|---|---|\n{spec_rows}\n\n"
         f"**Data version** `{record.get('data_version')}` · **run key** `{record.get('run_key')}`\n\n"
         f"**Training**\n" + "\n".join(train_lines) + "\n\n"
+        f"{monitor_markdown(training)}"
         f"**Run** [{run_name}]({link})\n"
     )
 
@@ -339,7 +363,8 @@ def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
     client = MlflowClient()
     experiment = experiment_id(dataset, params.mlflow.artifact_root)
     model_name = registered_model_name(dataset, category)
-    register = params.mlflow.register_versions
+    collapsed = training.get("collapsed")  # stopped by the collapse monitor: logged, never registered
+    register = params.mlflow.register_versions and not collapsed
     git_commit = code_version()
     run_name = f"{category}-{method}"
 
@@ -375,6 +400,11 @@ def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
         "git_commit": git_commit,
     }
     tags |= {str(k): str(v) for k, v in (training.get("tags") or {}).items()}
+    if collapsed:
+        tags |= {"collapsed": "true", "collapsed.reason": str(collapsed["reason"])[:PARAM_VALUE_LIMIT]}
+    summary = monitor_markdown(training)
+    if summary:
+        tags["mlflow.note.content"] = summary
     with mlflow.start_run(experiment_id=experiment, run_name=run_name, tags=tags) as run:
         run_id = run.info.run_id
         mlflow.log_params(run_params(record, params))
@@ -390,6 +420,9 @@ def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
         for name in ARTIFACTS:
             if (run_dir / name).is_file():
                 mlflow.log_artifact(str(run_dir / name))
+        version = None
+        if collapsed:  # no model: the collapsed run's weights are discarded
+            return {"run_id": run_id, "model_name": model_name, "version": None, "skipped": False}
         example = _example_image(run_dir)
         if example is None:
             raise FileNotFoundError(f"{run_dir}: no readable test image for the model's input example")
@@ -397,7 +430,6 @@ def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
 
         info = log_pyfunc(run_dir / "method", example)
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
-        version = None
         if register:
             link = run_link(experiment, run_id)
             version = register_version(

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from components.data import ImageDataset, Sample, split_validation, synthetic_anomalies
 from components.evaluation import loader
-from components.methods import MethodSpec, build_method
+from components.methods import MethodSpec, build_method, load_networks, save_networks
+from components.monitor import CollapseMonitor, CollapseThresholds
 
-CHECKPOINT_FILES = ("backbone.safetensors", "optimizer.pt", "method.pt", "progress.json")
+CHECKPOINT_FILES = ("optimizer.pt", "method.pt", "monitor.pt", "progress.json")  # + <network>.safetensors
 
 
 @dataclass
@@ -50,6 +50,8 @@ class TrainJob:
     use_gpu: bool | str = "auto"
     max_failures: int = 2
     storage: str = "runs/ray"
+    #: collapse monitor thresholds (CollapseThresholds fields); None switches the monitor off
+    collapse: dict[str, Any] | None = field(default_factory=dict)
 
 
 @dataclass
@@ -73,20 +75,33 @@ def _split(job: dict[str, Any]) -> tuple[list[Sample], list[Sample]]:
     return fit, held_out + synthetic_anomalies(held_out, job["synthetic"])
 
 
-def _save_checkpoint(directory: Path, method, optimizer, progress: dict[str, Any]) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in method.extractor.model.state_dict().items()}
-    save_file(state, str(directory / "backbone.safetensors"))
+def _save_checkpoint(directory: Path, method, optimizer, monitor, progress: dict[str, Any]) -> None:
+    save_networks(method, directory)
     torch.save(optimizer.state_dict() if optimizer is not None else {}, directory / "optimizer.pt")
     torch.save(method.state_dict(), directory / "method.pt")
+    torch.save(monitor.state_dict() if monitor is not None else {}, directory / "monitor.pt")
     (directory / "progress.json").write_text(json.dumps(progress))
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _mean_over_ranks(value: float) -> float:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         t = torch.tensor([value], dtype=torch.float64)
         torch.distributed.all_reduce(t)
         return float(t.item()) / torch.distributed.get_world_size()
     return value
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (so that all ranks stop together)."""
+    if _distributed():
+        t = torch.tensor([float(flag)])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -106,14 +121,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     size, bs, nw = spec.image_size, job["batch_size"], job["loader_workers"]
     val_loader = loader(validation, size, bs, nw)
 
+    monitor = None if job["collapse"] is None else CollapseMonitor(CollapseThresholds(**job["collapse"]))
     progress: dict[str, Any] = {"epoch": 0, "history": [], "tags": {}, "restarts": 0, "final": False}
     checkpoint = ray.train.get_checkpoint()
     optimizer_state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt:
             ckpt = Path(ckpt)
-            method.extractor.model.load_state_dict(load_file(str(ckpt / "backbone.safetensors")), strict=True)
-            method.load_state_dict(torch.load(ckpt / "method.pt", weights_only=True))
+            method.load_state_dict(torch.load(ckpt / "method.pt", weights_only=True))  # may build modules
+            load_networks(method, ckpt)
+            if monitor is not None:
+                monitor.load_state_dict(torch.load(ckpt / "monitor.pt", weights_only=True))
             optimizer_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
             progress = json.loads((ckpt / "progress.json").read_text())
         progress["restarts"] += 1
@@ -121,6 +139,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         t_begin = time.perf_counter()
         progress["tags"] = method.begin_training(loader(fit, size, bs, nw), val_loader)
+        if monitor is not None:
+            first = monitor.begin(method.monitor_features, loader(fit, size, bs, nw), val_loader)
+            progress["monitor"] = [{"epoch": 0, **first.metrics}]
         progress["begin_seconds"] = time.perf_counter() - t_begin
 
     model = ray.train.torch.prepare_model(method.trainable())
@@ -138,7 +159,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                _save_checkpoint(Path(tmp), method, optimizer, progress)
+                _save_checkpoint(Path(tmp), method, optimizer, monitor, progress)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             last = progress["history"][-1] if progress["history"] else {}
             ray.train.report({**last, "epoch": progress["epoch"], "final": final}, checkpoint=ckpt)
@@ -149,6 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        method.begin_epoch(epoch, len(train_loader))
         method.train_mode()
         t0, total, batches = time.perf_counter(), 0.0, 0
         for batch in train_loader:
@@ -166,10 +188,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch_seconds": time.perf_counter() - t0,
             **report_.metrics,
         }
+        collapsed = False
+        if monitor is not None:
+            watch = monitor.measure(method.monitor_features, val_loader)
+            row |= {f"monitor/{k}": v for k, v in watch.metrics.items()}
+            progress["monitor"].append({"epoch": epoch, **watch.metrics})
+            collapsed = _any_rank(watch.collapsed)
+            if collapsed:
+                progress["collapsed"] = {"epoch": epoch, "reason": watch.reason or "collapse on another rank"}
         progress["history"].append(row)
         progress["epoch"] = epoch
-        stop = report_.stop
-        if stop:
+        stop = _any_rank(report_.stop) or collapsed
+        if report_.stop:
             progress["stopped_early"] = True
         report(final=False)
     if not progress["final"]:
@@ -214,7 +244,8 @@ def ensure_ray() -> None:
 def train(job: TrainJob, output: Path) -> TrainResult:
     """Run ``job`` on the Ray cluster; copy the final adapted backbone and summary to ``output``.
 
-    ``output`` appears atomically (backbone.safetensors + summary.json). A finished output is reused.
+    ``output`` appears atomically (every network's ``<name>.safetensors`` + summary.json). A finished
+    output is reused.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -222,6 +253,8 @@ def train(job: TrainJob, output: Path) -> TrainResult:
     from components.banks import replace_dir
 
     output = Path(output)
+    if job.collapse is not None:
+        CollapseThresholds(**job.collapse)  # a bad threshold name fails here, not in a worker
     if (output / "summary.json").is_file():
         return TrainResult(output, json.loads((output / "summary.json").read_text()))
     ensure_ray()
@@ -260,13 +293,16 @@ def train(job: TrainJob, output: Path) -> TrainResult:
             progress = json.loads((Path(ckpt) / "progress.json").read_text())
             if not progress.get("final"):
                 raise RuntimeError(f"training run {job.run_key}: last checkpoint is not final")
-            (tmp / "backbone.safetensors").write_bytes((Path(ckpt) / "backbone.safetensors").read_bytes())
+            for network in Path(ckpt).glob("*.safetensors"):
+                shutil.copy(network, tmp / network.name)
         summary = {
             "epochs": progress["epoch"],
             "history": progress["history"],
             "tags": progress["tags"],
             "restarts": progress["restarts"],
             "stopped_early": progress.get("stopped_early", False),
+            "collapsed": progress.get("collapsed"),
+            "monitor": progress.get("monitor", []),
             "begin_seconds": progress.get("begin_seconds", 0.0),
             "seconds": time.perf_counter() - t0,
             "workers": job.num_workers,

@@ -8,7 +8,7 @@ import pytest
 from components.backbones import FeatureExtractor
 from components.data import scan_mvtec
 from components.evaluation import fit_and_evaluate
-from components.methods import METHODS, method_class
+from components.methods import method_class
 
 SIZE = 128
 # Global-kNN image scores (DN2, SPADE, PANDA before training) cannot see magnetic-tile blowholes of
@@ -32,7 +32,11 @@ def magnetic_subset(tmp_path_factory, industrial_root):
     return [s for s in samples if s.split == "train"], [s for s in samples if s.split == "test"]
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+# the fine-tuned methods without a training step here; each has its own test module
+UNTRAINED = ["dn2", "gaussian", "padim", "panda", "patchcore", "spade"]
+
+
+@pytest.mark.parametrize("name", UNTRAINED)
 def test_method_fits_and_scores_real_defects(name, magnetic_subset) -> None:
     train, test = magnetic_subset
     cls = method_class(name)

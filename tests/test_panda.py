@@ -132,3 +132,66 @@ def test_fitted_panda_saves_and_loads_exactly(kolektor, tmp_path) -> None:
     a, b = m.predict(batch), again.predict(batch)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
     np.testing.assert_allclose(a.maps, b.maps, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def outlier_folder(tmp_path_factory, industrial_root):
+    """Outlier exposure set for kolektorsdd: images of the other categories (magnetic_tile, deeppcb)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("outliers")
+    for category in ("magnetic_tile", "deeppcb"):
+        (root / category).mkdir()
+        for image in sorted((industrial_root / category / "train" / "good").iterdir())[:12]:
+            shutil.copy(image, root / category / image.name)
+    return root
+
+
+def test_panda_oe_learns_normal_vs_outliers_and_saves_exactly(kolektor, outlier_folder, tmp_path) -> None:
+    fit, validation = kolektor
+    spec = MethodSpec(
+        "panda_oe", "tf_efficientnet_lite0", "pypi", None, SIZE,
+        {"outliers": str(outlier_folder), "epochs": 2, "lr": 0.01, "gallery": 2, "early_stopping": False},
+    )  # fmt: skip
+    m = build_method(spec, "cpu", progress=False)
+    assert "head" in m.networks() and m.trains
+    tags = m.begin_training(loader(fit, SIZE, 7, 0), loader(validation, SIZE, 8, 0))
+    assert tags["panda_oe.outliers"].endswith("(24 images)")
+    opt = m.make_optimizer()
+    model = m.trainable()
+    losses = []
+    for epoch in (1, 2):
+        m.train_mode()
+        for batch in loader(fit, SIZE, 7, 0):
+            loss = m.training_loss(batch, model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        m.end_epoch(epoch, loader(validation, SIZE, 8, 0))
+    assert losses[-1] < losses[0] * 0.7  # BCE of normal vs outliers really falls
+    m.end_training()
+    # the head scores outliers above held-out normal images it never trained on
+    held_normal = [s for s in validation if s.label == 0]
+    normal = m.logits(next(iter(loader(held_normal, SIZE, 16, 0)))["image"])
+    outl = m.logits(m._take_outliers(8))
+    assert float(outl.mean()) > float(normal.mean())
+    m.fit(loader(fit, SIZE, 8, 0))
+    m.save(tmp_path / "oe")
+    again = load_method(tmp_path / "oe", "cpu")
+    images = next(iter(loader(validation, SIZE, 6, 0)))["image"]
+    a, b = m.predict(images), again.predict(images)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.maps, b.maps, rtol=1e-4, atol=1e-5)
+
+
+def test_panda_oe_bad_outlier_folder_is_named(kolektor, tmp_path) -> None:
+    fit, validation = kolektor
+    spec = MethodSpec(
+        "panda_oe", "tf_efficientnet_lite0", "none", None, 64, {"outliers": str(tmp_path / "nope")}
+    )
+    m = build_method(spec, "cpu", progress=False)
+    with pytest.raises(ValueError, match=r"panda_oe outliers .*nope: not a folder"):
+        m.begin_training(loader(fit, 64, 7, 0), loader(validation, 64, 8, 0))
+    with pytest.raises(ValueError, match="ewc=True"):
+        build_method(MethodSpec("panda_oe", "tf_efficientnet_lite0", "none", None, 64, {"ewc": True}), "cpu")

@@ -4,31 +4,37 @@ a uint8 torch dataset and verified parquet manifests."""
 from components.data.dataset import ImageDataset
 from components.data.images import load_image, load_mask
 from components.data.manifest import build_manifest, manifest_version, read_manifest, write_manifest
-from components.data.mvtec import list_categories, scan_mvtec
+from components.data.mvtec import list_categories, scan_image_folder, scan_mvtec
 from components.data.oneclass import FASHION_MNIST_ROOT, oneclass_samples
 from components.data.samples import IMAGE_EXTENSIONS, DataError, Sample, split_validation
 from components.data.synthetic import SYNTHETIC_KINDS, cutpaste, noise_patch, synthetic_anomalies
+from components.data.vicinal import VICINAL_KINDS, cutmix, mixup, vicinal
 from components.data.visa import scan_visa
 
 __all__ = [
     "FASHION_MNIST_ROOT",
     "IMAGE_EXTENSIONS",
     "SYNTHETIC_KINDS",
+    "VICINAL_KINDS",
     "DataError",
     "ImageDataset",
     "Sample",
     "build_manifest",
+    "cutmix",
     "cutpaste",
     "list_categories",
     "load_image",
     "load_mask",
     "manifest_version",
+    "mixup",
     "noise_patch",
     "oneclass_samples",
     "read_manifest",
+    "scan_image_folder",
     "scan_mvtec",
     "scan_visa",
     "split_validation",
     "synthetic_anomalies",
+    "vicinal",
     "write_manifest",
 ]

@@ -17,7 +17,7 @@ REDUCING_GAP = 3.0  # Pillow: >= 3 is indistinguishable from plain resampling, a
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Items ``{"image": uint8 (3, S, S), "mask": bool (S, S), "label": int, "index": int}``.
+    """Items ``{"image": uint8 (3, S, S), "mask": bool (S, S), "label": int, "index": int, "category": str}``.
 
     Images are resized to S x S with Pillow BILINEAR, masks with NEAREST; normalisation is left to the
     model (uint8 is 4x cheaper to pass between DataLoader workers). With ``synthetic`` ("cutpaste" or
@@ -63,4 +63,5 @@ class ImageDataset(torch.utils.data.Dataset):
             "mask": torch.from_numpy(mask),
             "label": int(label),
             "index": index,
+            "category": sample.category,
         }

@@ -84,3 +84,25 @@ def scan_mvtec(root: str | os.PathLike, category: str, masks: bool = True) -> li
                     )
             samples.append(Sample(str(image), category, "test", label, defect, str(mask) if mask else None))
     return samples
+
+
+def scan_image_folder(root: str | os.PathLike, what: str = "image folder") -> list[Sample]:
+    """Every image under ``root`` (recursively, sorted), as normal train samples whose ``category`` is the
+    image's first sub-folder ("" for images at the top) — e.g. outlier-exposure sets or anchor images.
+
+    Files with other extensions are skipped; a missing or image-less folder is a DataError naming ``what``.
+    """
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"{what} {base}: not a folder")
+    samples = []
+    for path in sorted(base.rglob("*")):
+        rel = path.relative_to(base)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            group = rel.parts[0] if len(rel.parts) > 1 else ""
+            samples.append(Sample(str(path), group, "train", 0, "good"))
+    if not samples:
+        raise DataError(f"{what} {base}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return samples

@@ -12,15 +12,20 @@ from components.methods.base import (
     EpochReport,
     MethodSpec,
     Prediction,
+    load_networks,
     load_spec,
-    load_tensors,
+    save_networks,
 )
 from components.methods.gaussian import GaussianAD, PaDiM
+from components.methods.gaussian_ft import GaussianFT
 from components.methods.knn import DN2, SPADE, PatchCore
-from components.methods.panda import PANDA
+from components.methods.panda import PANDA, PANDAOE
+from components.methods.recontrast import ReContrast
+from components.methods.topology import Topology
 
 METHODS: dict[str, type[AnomalyMethod]] = {
-    m.name: m for m in (DN2, SPADE, PatchCore, GaussianAD, PaDiM, PANDA)
+    m.name: m
+    for m in (DN2, SPADE, PatchCore, GaussianAD, PaDiM, PANDA, PANDAOE, GaussianFT, Topology, ReContrast)
 }
 
 
@@ -52,8 +57,7 @@ def load_method(directory: str | Path, device: torch.device | str | None = None,
     directory = Path(directory)
     spec, meta = load_spec(directory)
     method = build_method(spec, device, progress=progress, weights="none")
-    state = load_tensors(directory / "backbone.safetensors")
-    method.extractor.model.load_state_dict(state, strict=True)
+    load_networks(method, directory)
     method.extractor.eval()
     method.sigma = meta.get("sigma", method.sigma)
     method.load_memory(directory / "memory")
@@ -68,5 +72,7 @@ __all__ = [
     "Prediction",
     "build_method",
     "load_method",
+    "load_networks",
     "method_class",
+    "save_networks",
 ]

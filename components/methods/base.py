@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -74,6 +75,9 @@ class AnomalyMethod(ABC):
 
     name: ClassVar[str]
     default_levels: ClassVar[tuple[int, ...]]
+    #: what one training job covers: "category" (one model per category) or "dataset" (one model for
+    #: all categories of a dataset, e.g. TPTL's weak supervision by category labels)
+    scope: ClassVar[str] = "category"
 
     spec: MethodSpec | None = None  # set by build_method; needed to save()
 
@@ -99,6 +103,13 @@ class AnomalyMethod(ABC):
         """The module whose parameters train; the loop wraps it (DDP) and passes it to training_loss."""
         return self.extractor
 
+    def networks(self) -> dict[str, nn.Module]:
+        """Every module whose weights scoring needs, by file name: saved, checkpointed and restored.
+
+        The backbone is always ``"backbone"``; methods with heads, decoders or frozen copies add theirs.
+        """
+        return {"backbone": self.extractor.model}
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups; empty for a frozen method."""
         return []
@@ -117,6 +128,9 @@ class AnomalyMethod(ABC):
     def training_loss(self, batch: dict, model: nn.Module) -> torch.Tensor:
         """Loss of one batch; ``model`` is :meth:`trainable` as wrapped by the training loop."""
         raise NotImplementedError(f"{self.name} is a frozen-feature method: it has no training step")
+
+    def begin_epoch(self, epoch: int, steps: int) -> None:  # noqa: B027 (optional hook)
+        """Called before ``epoch`` (1-based) with the optimizer steps this worker will take in it."""
 
     def end_epoch(self, epoch: int, validation: Iterable[dict]) -> EpochReport:
         """Validation signals after ``epoch`` (1-based) on held-out normal + synthetic anomalies."""
@@ -152,8 +166,7 @@ class AnomalyMethod(ABC):
             spec = self.spec.to_json() | {"levels": list(self.extractor.levels)}
             meta = {"format": SAVE_FORMAT, "spec": spec, "sigma": self.sigma}
             (tmp / "spec.json").write_text(json.dumps(meta, indent=2))
-            state = {k: v.detach().cpu().contiguous() for k, v in self.extractor.model.state_dict().items()}
-            save_file(state, str(tmp / "backbone.safetensors"))
+            save_networks(self, tmp)
             (tmp / "memory").mkdir()
             self.save_memory(tmp / "memory")
             replace_dir(tmp, target)
@@ -180,6 +193,12 @@ class AnomalyMethod(ABC):
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.extractor(images.to(self.device, non_blocking=True))
 
+    @torch.no_grad()
+    def monitor_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D) image representation the collapse monitor watches: the pooled last level, eval mode."""
+        with evaluating(self.extractor):
+            return pooled(self.extractor(images.to(self.device))[-1]).float()
+
     def batches(self, loader: Iterable[dict], desc: str) -> Iterator[tuple[dict, list[torch.Tensor]]]:
         """Yield (batch, feature levels) over ``loader`` with a progress bar."""
         for batch in tqdm(loader, desc=f"{self.name}: {desc}", disable=not self.progress, leave=False):
@@ -194,6 +213,26 @@ class AnomalyMethod(ABC):
         if self.sigma > 0:
             maps = gaussian_filter(maps, sigma=(0, self.sigma, self.sigma), truncate=4.0)
         return maps.astype(np.float32)
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside the block; every submodule's own mode is restored afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def train_with_frozen_batchnorm(module: nn.Module) -> None:
+    """Training mode for ``module``, but every BatchNorm keeps its (ImageNet) running statistics."""
+    module.train()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 def pooled(feature: torch.Tensor) -> torch.Tensor:
@@ -232,6 +271,21 @@ def load_spec(directory: str | Path) -> tuple[MethodSpec, dict[str, Any]]:
     if meta.get("format") != SAVE_FORMAT:
         raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r}")
     return MethodSpec.from_json(meta["spec"]), meta
+
+
+def save_networks(method: AnomalyMethod, directory: Path) -> None:
+    """Write ``<name>.safetensors`` for every network of ``method`` into ``directory``."""
+    for name, module in method.networks().items():
+        save_tensors(module.state_dict(), Path(directory) / f"{name}.safetensors")
+
+
+def load_networks(method: AnomalyMethod, directory: Path) -> None:
+    """Load every network of ``method`` strictly from ``directory`` (files of other networks are ignored)."""
+    for name, module in method.networks().items():
+        path = Path(directory) / f"{name}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory}: no {path.name} for {method.name}'s network {name!r}")
+        module.load_state_dict(load_tensors(path), strict=True)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -82,10 +82,17 @@ class DN2(AnomalyMethod):
         feats = self.features(images)
         g = pooled(feats[-1]).float().cpu().numpy()
         dist2, ids = self.bank.search(g, max(self.k, self.gallery))
+        return Prediction(
+            scores=self.image_scores(dist2).astype(np.float32), maps=self.gallery_maps(feats, ids)
+        )
+
+    def gallery_maps(self, feats: list[torch.Tensor], ids: np.ndarray) -> np.ndarray:
+        """SPADE alignment: per map level, each location's distance to the nearest location of the
+        ``gallery`` retrieved training images (``ids``); levels upsampled, averaged, blurred."""
         level_maps = []
         for level, train in zip(feats[:-1], self.train_maps, strict=True):
             per_image = []
-            for b in range(len(images)):
+            for b in range(len(level)):
                 gallery = flat_locations(train[ids[b, : self.gallery]])
                 d2, _ = faiss.knn(flat_locations(level[b : b + 1]), gallery, 1)
                 per_image.append(np.sqrt(np.maximum(d2[:, 0], 0)).reshape(level.shape[-2:]))
@@ -97,7 +104,7 @@ class DN2(AnomalyMethod):
                 for m in level_maps
             ]
         ).mean(0)
-        return Prediction(scores=self.image_scores(dist2).astype(np.float32), maps=self.to_maps(mean_map))
+        return self.to_maps(mean_map)
 
 
 class SPADE(DN2):

@@ -22,18 +22,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from components.backbones import BackboneError, classifier
-from components.methods.base import EpochReport, pooled
+from components.methods.base import EpochReport, Prediction, evaluating, pooled, train_with_frozen_batchnorm
 from components.methods.knn import DN2
+from components.metrics import validation_auroc
 
 
 def stage_boundary(extractor: nn.Module, trainable_stages: int) -> list[str]:
@@ -61,6 +61,13 @@ def _match(name: str, source: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return source[name]
     head, _, rest = name.partition(".")
     return source.get(f"{head.replace('_', '.')}.{rest}")
+
+
+def _checked_auroc(labels: np.ndarray, scores: np.ndarray, name: str) -> float:
+    """Validation AUROC (NaN for a diverged model); an error when the slice lacks a class."""
+    if len(np.unique(labels)) < 2:
+        raise ValueError(f"{name}: the validation slice needs normal images and synthetic anomalies")
+    return validation_auroc(labels, scores)
 
 
 class PANDA(DN2):
@@ -129,25 +136,13 @@ class PANDA(DN2):
         return torch.optim.SGD(self.param_groups(), lr=self.lr, momentum=self.momentum)
 
     def train_mode(self) -> None:
-        self.extractor.train()
-        for m in self.extractor.modules():  # BatchNorm keeps the ImageNet running statistics
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-
-    @torch.no_grad()
-    def global_features(self, images: torch.Tensor) -> torch.Tensor:
-        was_training = self.extractor.training
-        self.extractor.eval()
-        try:
-            return pooled(self.extractor(images.to(self.device))[-1]).float()
-        finally:
-            self.extractor.train(was_training)
+        train_with_frozen_batchnorm(self.extractor)
 
     def begin_training(self, train: Iterable[dict], validation: Iterable[dict]) -> dict[str, str]:
         feats, reference = [], []
         kept = 0
         for batch in train:
-            feats.append(self.global_features(batch["image"]).cpu())
+            feats.append(self.monitor_features(batch["image"]).cpu())
             if kept < self.reference_images:
                 take = batch["image"][: self.reference_images - kept]
                 reference.append(take.cpu())
@@ -227,16 +222,13 @@ class PANDA(DN2):
     def validation_auroc(self, validation: Iterable[dict]) -> float:
         """AUROC of synthetic anomalies vs held-out normal images, kNN to the reference train subset."""
         assert self.reference is not None
-        ref = torch.cat([self.global_features(chunk) for chunk in self.reference.split(32)])
+        ref = torch.cat([self.monitor_features(chunk) for chunk in self.reference.split(32)])
         scores, labels = [], []
         for batch in validation:
-            d2 = torch.cdist(self.global_features(batch["image"]), ref).pow(2)
+            d2 = torch.cdist(self.monitor_features(batch["image"]), ref).pow(2)
             scores.append(d2.topk(self.k, largest=False).values.sum(1).cpu())
             labels.append(torch.as_tensor(batch["label"]))
-        y = torch.cat(labels).numpy()
-        if len(np.unique(y)) < 2:
-            raise ValueError("panda: the validation slice needs normal images and synthetic anomalies")
-        return float(roc_auc_score(y, torch.cat(scores).numpy()))
+        return _checked_auroc(torch.cat(labels).numpy(), torch.cat(scores).numpy(), self.name)
 
     def end_epoch(self, epoch: int, validation: Iterable[dict]) -> EpochReport:
         auroc = self.validation_auroc(validation)
@@ -277,3 +269,140 @@ class PANDA(DN2):
         self.center, self.reference = state["center"], state["reference"]
         self.theta0, self.fisher = state["theta0"], state["fisher"]
         self.best, self.best_weights = dict(state["best"]), state["best_weights"]
+
+
+class _ScoredBackbone(nn.Module):
+    """Backbone + a 1-unit head on its pooled last stage: one forward gives the outlier-exposure logit."""
+
+    def __init__(self, extractor: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.extractor, self.head = extractor, head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(pooled(self.extractor(images)[-1]).float())[:, 0]
+
+
+class PANDAOE(PANDA):
+    """PANDA with outlier exposure: a 1-unit head, BCE of normal (0) vs outlier (1) images.
+
+    The outlier set is a folder of images (``outliers``, any layout: it is searched recursively) — the
+    paper uses ImageNet-30 / 80M Tiny Images; here any images unlike the normal class, e.g. other
+    categories. Each step feeds the normal batch and as many outlier images through the backbone at once.
+    SGD lr 0.1, momentum 0.9, weight decay 5e-5, 50 epochs, the last two stages + head train, BatchNorm in
+    eval, as the official code. Image score = the head's logit (monotone in the paper's sigmoid(logit),
+    without float saturation ties); pixel maps SPADE-style on the adapted features (not in the paper).
+    Early stopping (deviation, as PANDA's): the epoch whose head AUROC of synthetic anomalies vs held-out
+    normal images is best is kept; ``early_stopping=False`` keeps the last epoch, as the paper.
+    """
+
+    name = "panda_oe"
+
+    def __init__(
+        self,
+        extractor,
+        image_size,
+        outliers: str | None = None,
+        epochs: int = 50,
+        lr: float = 0.1,
+        max_grad_norm: float | None = None,
+        early_stopping: bool = True,
+        seed: int = 0,
+        **kwargs,
+    ):
+        if kwargs.get("ewc"):
+            raise ValueError("panda_oe ewc=True: outlier exposure is regularised by its outliers, not EWC")
+        if epochs > 0 and not outliers:
+            raise ValueError("panda_oe outliers: set it to a folder of outlier images (or epochs=0)")
+        super().__init__(
+            extractor,
+            image_size,
+            epochs=epochs,
+            lr=lr,
+            max_grad_norm=max_grad_norm,
+            early_stopping=early_stopping,
+            **kwargs,
+        )
+        self.outliers, self.seed = outliers, seed
+        self.head = nn.Linear(extractor.channels[-1], 1).to(self.device)
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+        self._params |= {f"head.{n}": p for n, p in self.head.named_parameters()}
+        self._scored = _ScoredBackbone(extractor, self.head)
+        self._outlier_batches: Iterator[dict] | None = None
+        self.outlier_count = 0
+
+    def trainable(self) -> nn.Module:
+        return self._scored
+
+    def networks(self) -> dict[str, nn.Module]:
+        return super().networks() | {"head": self.head}
+
+    def _outlier_stream(self) -> Iterator[dict]:
+        """Endless shuffled batches of outlier images (seeded: the same order on every run)."""
+        from components.data import ImageDataset, scan_image_folder
+
+        samples = scan_image_folder(self.outliers, "panda_oe outliers")
+        self.outlier_count = len(samples)
+        generator = torch.Generator().manual_seed(self.seed)
+        data = ImageDataset(samples, self.image_size)
+        while True:
+            yield from torch.utils.data.DataLoader(
+                data, batch_size=32, shuffle=True, generator=generator, drop_last=False
+            )
+
+    def _take_outliers(self, n: int) -> torch.Tensor:
+        assert self._outlier_batches is not None, "begin_training() first"
+        out, have = [], 0
+        while have < n:
+            images = next(self._outlier_batches)["image"][: n - have]
+            out.append(images)
+            have += len(images)
+        return torch.cat(out)
+
+    def begin_training(self, train: Iterable[dict], validation: Iterable[dict]) -> dict[str, str]:
+        self._outlier_batches = self._outlier_stream()
+        self._take_outliers(1)  # fail now on a bad folder, not in the first step
+        self.theta0 = {n: p.detach().cpu().clone() for n, p in self._params.items()}
+        auroc = self.validation_auroc(validation)
+        self.best = {"auroc": auroc, "epoch": 0, "bad_epochs": 0}
+        self.best_weights = {n: t.clone() for n, t in self.theta0.items()}
+        return {
+            "panda_oe.outliers": f"{self.outliers} ({self.outlier_count} images)",
+            "panda.regulariser": "outlier_exposure",
+            "panda.val_auroc_pretrained": f"{auroc:.4f}",
+        }
+
+    def training_loss(self, batch: dict, model: nn.Module) -> torch.Tensor:
+        normal = batch["image"]
+        images = torch.cat([normal, self._take_outliers(len(normal))]).to(self.device)
+        target = torch.cat([torch.zeros(len(normal)), torch.ones(len(images) - len(normal))]).to(self.device)
+        return nn.functional.binary_cross_entropy_with_logits(model(images), target)
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        with evaluating(self._scored):
+            return self._scored(images.to(self.device)).float().cpu()
+
+    def validation_auroc(self, validation: Iterable[dict]) -> float:
+        scores, labels = [], []
+        for batch in validation:
+            scores.append(self.logits(batch["image"]))
+            labels.append(torch.as_tensor(batch["label"]))
+        return _checked_auroc(torch.cat(labels).numpy(), torch.cat(scores).numpy(), self.name)
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        assert self.bank is not None, "fit() first"
+        feats = self.features(images)
+        g = pooled(feats[-1]).float()
+        _, ids = self.bank.search(g.cpu().numpy(), self.gallery)
+        with torch.inference_mode():
+            scores = self.head(g)[:, 0].float().cpu().numpy()
+        return Prediction(scores=scores.astype(np.float32), maps=self.gallery_maps(feats, ids))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"theta0": self.theta0, "best": dict(self.best), "best_weights": self.best_weights}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.theta0, self.best = state["theta0"], dict(state["best"])
+        self.best_weights = state["best_weights"]
+        self._outlier_batches = self._outlier_stream()

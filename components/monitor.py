@@ -1,0 +1,176 @@
+"""The collapse monitor: is fine-tuning on normal images destroying the pretrained feature space?
+
+Every fine-tuned method shares one failure: trained on normal data alone, the features collapse (all
+images map near one point) or forget what made them discriminative. The monitor turns that into measured
+signals, computed on the validation slice (held-out normal images + synthetic anomalies, never the test
+split) with the method's own image representation (``AnomalyMethod.monitor_features``):
+
+- ``effective_rank``: exp of the entropy of the normalised singular values of the centred features of the
+  held-out normal images (Roy & Vetterli 2007); ``rank_ratio`` is it over the pretrained value.
+- ``knn_overlap``: mean fraction of each validation image's ``knn`` nearest validation images that are
+  also its nearest ones under the pretrained features (1 = the neighbourhood graph is intact).
+- ``separation``: AUROC of synthetic anomalies vs held-out normal images, scored by the sum of squared
+  L2 distances to the 2 nearest features of a fixed reference subset of training images (DN2 rule);
+  ``separation_drop`` is the pretrained value minus it.
+- ``drift``: mean relative change ||f − f₀|| / ||f₀|| of the validation features from their pretrained
+  values.
+
+A run is *collapsed* when any signal crosses its threshold (:class:`CollapseThresholds`, from params).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from components.metrics import validation_auroc
+
+Features = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CollapseThresholds:
+    """Limits beyond which a run counts as collapsed; ``None`` switches a check off."""
+
+    min_rank_ratio: float | None = 0.3
+    min_knn_overlap: float | None = 0.15
+    max_separation_drop: float | None = 0.25
+    max_drift: float | None = 5.0
+    knn: int = 5
+    reference_images: int = 32
+
+
+def effective_rank(x: torch.Tensor) -> float:
+    """exp(entropy) of the normalised singular values of the centred rows of ``x`` (n, d)."""
+    x = x.double()
+    s = torch.linalg.svdvals(x - x.mean(0))
+    if float(s.sum()) <= 0:
+        return 1.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def knn_sets(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, k) indices of each row's k nearest other rows (squared L2)."""
+    d = torch.cdist(x.double(), x.double())
+    d.fill_diagonal_(float("inf"))
+    return d.topk(min(k, len(x) - 1), largest=False).indices
+
+
+def knn_overlap(current: torch.Tensor, pretrained: torch.Tensor, k: int) -> float:
+    """Mean |N_k(current) ∩ N_k(pretrained)| / k over the rows."""
+    a, b = knn_sets(current, k), knn_sets(pretrained, k)
+    shared = (a[:, :, None] == b[:, None, :]).any(2).float().sum(1)
+    return float((shared / a.shape[1]).mean())
+
+
+def knn_separation(features: torch.Tensor, labels: np.ndarray, reference: torch.Tensor, k: int = 2) -> float:
+    """AUROC of label-1 vs label-0 rows scored by the sum of squared distances to the k nearest references."""
+    d2 = torch.cdist(features.double(), reference.double()).pow(2)
+    scores = d2.topk(min(k, len(reference)), largest=False).values.sum(1)
+    return validation_auroc(labels, scores.numpy())
+
+
+@dataclass
+class MonitorReport:
+    """One epoch's signals, and whether (and why) they say collapse."""
+
+    metrics: dict[str, float]
+    collapsed: bool = False
+    reason: str = ""
+
+
+@dataclass
+class CollapseMonitor:
+    """Measures the collapse signals of a training run against its pretrained starting point."""
+
+    thresholds: CollapseThresholds = field(default_factory=CollapseThresholds)
+    reference: torch.Tensor | None = None  # uint8 train images the separation is scored against
+    pretrained: torch.Tensor | None = None  # validation features before training
+    baseline: dict[str, float] = field(default_factory=dict)
+
+    def _features(self, features: Features, validation: Iterable[dict]) -> tuple[torch.Tensor, np.ndarray]:
+        feats, labels = [], []
+        for batch in validation:
+            feats.append(features(batch["image"]).float().cpu())
+            labels.append(np.asarray(batch["label"]))
+        return torch.cat(feats), np.concatenate(labels)
+
+    def _reference_features(self, features: Features) -> torch.Tensor:
+        assert self.reference is not None, "begin() first"
+        return torch.cat([features(chunk).float().cpu() for chunk in self.reference.split(32)])
+
+    def begin(self, features: Features, train: Iterable[dict], validation: Iterable[dict]) -> MonitorReport:
+        """Record the pretrained state (epoch 0): reference images, validation features, baseline signals."""
+        kept: list[torch.Tensor] = []
+        n = 0
+        for batch in train:
+            take = batch["image"][: self.thresholds.reference_images - n]
+            kept.append(take.cpu())
+            n += len(take)
+            if n >= self.thresholds.reference_images:
+                break
+        if n < 2:
+            raise ValueError("collapse monitor: needs at least 2 training images for its reference set")
+        self.reference = torch.cat(kept)
+        self.pretrained, _ = self._features(features, validation)
+        report = self.measure(features, validation)
+        self.baseline = dict(report.metrics)
+        return report
+
+    def measure(self, features: Features, validation: Iterable[dict]) -> MonitorReport:
+        """The signals of the current weights, and the verdict against the thresholds."""
+        assert self.pretrained is not None, "begin() first"
+        current, labels = self._features(features, validation)
+        if current.shape != self.pretrained.shape:
+            raise ValueError(
+                f"collapse monitor: the validation slice changed ({tuple(current.shape)} features, "
+                f"pretrained {tuple(self.pretrained.shape)})"
+            )
+        if not torch.isfinite(current).all():  # the weights diverged
+            nan = float("nan")
+            metrics = dict.fromkeys(("effective_rank", "knn_overlap", "separation", "drift"), nan)
+            metrics |= {"rank_ratio": nan, "separation_drop": nan}
+            return MonitorReport(metrics, collapsed=True, reason="non-finite features (training diverged)")
+        normal = labels == 0
+        t = self.thresholds
+        rank = effective_rank(current[torch.from_numpy(normal)])
+        separation = knn_separation(current, labels, self._reference_features(features))
+        rel = (current - self.pretrained).norm(dim=1) / self.pretrained.norm(dim=1).clamp_min(1e-12)
+        metrics = {
+            "effective_rank": rank,
+            "knn_overlap": knn_overlap(current, self.pretrained, t.knn),
+            "separation": separation,
+            "drift": float(rel.mean()),
+        }
+        base = self.baseline or metrics
+        metrics["rank_ratio"] = rank / max(base["effective_rank"], 1e-12)
+        metrics["separation_drop"] = base["separation"] - separation
+        return self.verdict(metrics)
+
+    def verdict(self, metrics: dict[str, float]) -> MonitorReport:
+        t = self.thresholds
+        checks = [
+            ("rank_ratio", t.min_rank_ratio, lambda v, lim: v < lim, "<"),
+            ("knn_overlap", t.min_knn_overlap, lambda v, lim: v < lim, "<"),
+            ("separation_drop", t.max_separation_drop, lambda v, lim: v > lim, ">"),
+            ("drift", t.max_drift, lambda v, lim: v > lim, ">"),
+        ]
+        reasons = [
+            f"{name} {metrics[name]:.3f} {op} {limit}"
+            for name, limit, crossed, op in checks
+            if limit is not None and np.isfinite(metrics[name]) and crossed(metrics[name], limit)
+        ]
+        return MonitorReport(metrics=metrics, collapsed=bool(reasons), reason="; ".join(reasons))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference, "pretrained": self.pretrained, "baseline": dict(self.baseline)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reference, self.pretrained = state["reference"], state["pretrained"]
+        self.baseline = dict(state["baseline"])

@@ -1,0 +1,186 @@
+"""Every fine-tuned method through the real pipeline — Prefect flow (ephemeral API), Ray Train job with 2
+DDP workers, faiss banks, metrics, MLflow run and registered version — on small subsets of the shared
+industrial data sets, plus a deliberately collapsing run that the collapse monitor must stop.
+
+All runs share one process (tests/flow_runner.py), so the services start once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, copy_subset, service_env
+
+SIZE = 64
+RUNS = {
+    "gaussian_ft": {
+        "method": "gaussian_ft",
+        # patience 1 and an unreachable min_delta: the forgetting detector must stop it after epoch 1
+        "methods.gaussian_ft": {"epochs": 4, "patience": 1, "min_delta": 1.0, "gaussian_images": 12},
+    },
+    "collapse": {
+        "method": "panda",
+        # no clipping, no EWC, no early stopping and a huge learning rate: the features blow up
+        "methods.panda": {
+            "epochs": 4,
+            "lr": 0.3,
+            "max_grad_norm": None,
+            "ewc": False,
+            "early_stopping": False,
+            "gallery": 2,
+            "reference_images": 8,
+        },
+    },
+    "panda_oe": {"method": "panda_oe", "methods.panda_oe": {"epochs": 2, "lr": 0.01, "gallery": 2}},
+    "topology": {"method": "topology", "methods.topology": {"epochs": 2, "lr": 1e-3, "anchor_batch": 4}},
+    "recontrast": {
+        "method": "recontrast",
+        "methods.recontrast": {"epochs": 2, "bottleneck_blocks": 1, "decoder_blocks": [1, 1, 1]},
+    },
+}
+
+
+def dotted(overrides: dict) -> dict:
+    """{"methods.x": {"a": 1}} -> {"methods.x.a": 1}: each knob overridden, the others kept."""
+    flat = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            flat |= {f"{key}.{k}": v for k, v in value.items()}
+        else:
+            flat[key] = value
+    return flat
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, industrial_root):
+    """Prepare a two-category dataset, then run every method of RUNS through the pipeline flow."""
+    home = tmp_path_factory.mktemp("finetuned")
+    data = home / "data"
+    copy_subset(industrial_root / "kolektorsdd", data / "kolektorsdd", 20, 6, 6)
+    copy_subset(industrial_root / "magnetic_tile", data / "magnetic_tile", 20, 6, 2)
+    outliers = home / "outliers"  # outlier exposure set for panda_oe: deeppcb images, another product
+    outliers.mkdir()
+    for image in sorted((industrial_root / "deeppcb" / "train" / "good").iterdir())[:16]:
+        shutil.copy(image, outliers / image.name)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["datasets"] = {"two": {"root": str(data), "categories": ["kolektorsdd", "magnetic_tile"]}}
+    params.update(dataset="two", image_size=SIZE, manifests_dir=str(home / "manifests"))
+    params["methods"].setdefault("panda_oe", {})["outliers"] = str(outliers)
+    params["train"].update(batch_size=8, storage=str(home / "ray"))
+    params["pipeline"].update(
+        retries=0,
+        runs_dir=str(home / "runs"),
+        metrics_file=str(home / "metrics.json"),
+        plots_dir=str(home / "plots"),
+    )
+    params["mlflow"].update(tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=str(home / "art"))
+    path = home / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    env = service_env(home)
+    subprocess.run(["adaptad", "prepare", "--params", str(path)], env=env, check=True, capture_output=True)
+    overrides = [{"pipeline.runs_dir": str(home / "runs" / name), **dotted(o)} for name, o in RUNS.items()]
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.flow_runner", str(path), json.dumps(overrides)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    lines = [json.loads(x.split(" ", 1)[1]) for x in out.stdout.splitlines() if x.startswith("FLOW-RESULT ")]
+    assert out.returncode == 0 and len(lines) == len(RUNS), out.stdout[-3000:] + out.stderr[-5000:]
+    return home, dict(zip(RUNS, lines, strict=True)), out
+
+
+def _client(home: Path):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+
+
+def _run_folders(home: Path, name: str) -> list[Path]:
+    return sorted(
+        p for p in (home / "runs" / name).iterdir() if (p / "evaluation" / "metrics.json").is_file()
+    )
+
+
+def _trainings(home: Path, name: str) -> list[dict]:
+    """The summaries of the run's training jobs (one per category, one per dataset for TPTL)."""
+    folders = [p / "trained" for p in (home / "runs" / name).iterdir() if (p / "trained").is_dir()]
+    return [json.loads((f / "summary.json").read_text()) for f in sorted(folders)]
+
+
+def _versions(home: Path, method: str) -> list:
+    client = _client(home)
+    return [
+        v
+        for c in ("kolektorsdd", "magnetic_tile")
+        for v in client.search_model_versions(f"name='adaptad-two-{c}'")
+        if v.tags.get("method") == method
+    ]
+
+
+@pytest.mark.parametrize("name", ["gaussian_ft", "panda_oe", "topology", "recontrast"])
+def test_each_finetuned_method_trains_scores_and_registers(runs, name) -> None:
+    home, results, _ = runs
+    r = results[name]
+    assert r["error"] is None, r
+    for category in ("kolektorsdd", "magnetic_tile"):
+        m = r["result"][category]
+        assert 0 <= m["image_auroc"] <= 1 and 0 <= m["aupro"] <= 1
+        assert m["pixel_auroc"] > 0.6, (name, category, m)  # real defects are localised
+    summaries = _trainings(home, name)
+    assert len(summaries) == (1 if name == "topology" else 2)
+    for summary in summaries:
+        assert summary["workers"] == 2 and summary["epochs"] >= 1 and not summary["collapsed"]
+        assert [row["epoch"] for row in summary["monitor"]] == list(range(summary["epochs"] + 1))
+    versions = _versions(home, name)
+    assert len(versions) == 2, versions  # one per category
+    assert all("Collapse monitor" in v.description and "healthy" in v.description for v in versions)
+
+
+def test_the_newest_version_of_each_category_is_the_challenger(runs) -> None:
+    home, _, _ = runs
+    client = _client(home)
+    for category in ("kolektorsdd", "magnetic_tile"):
+        name = f"adaptad-two-{category}"
+        newest = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        assert int(client.get_model_version_by_alias(name, "challenger").version) == newest
+
+
+def test_gaussian_ft_stops_by_its_forgetting_detector(runs) -> None:
+    home, _, _ = runs
+    for summary in _trainings(home, "gaussian_ft"):
+        assert summary["stopped_early"] and summary["epochs"] == 1  # patience 1, nothing beats min_delta
+        assert all("val_separation" in row for row in summary["history"])
+        assert summary["tags"]["gaussian_ft.val_separation_pretrained"]
+
+
+def test_topology_trains_one_model_for_the_whole_dataset(runs) -> None:
+    home, _, _ = runs
+    trained = [p for p in (home / "runs" / "topology").iterdir() if (p / "trained").is_dir()]
+    assert len(trained) == 1  # one training job, two categories evaluated with it
+    assert len(_run_folders(home, "topology")) == 2
+
+
+def test_the_collapse_monitor_stops_tags_and_never_registers_a_collapsing_run(runs) -> None:
+    home, results, _ = runs
+    r = results["collapse"]
+    assert r["error"] is None, r  # collapse is a result, not a crash
+    for summary in _trainings(home, "collapse"):
+        assert summary["collapsed"] and summary["epochs"] < 4, summary["monitor"]  # stopped before the end
+        assert summary["collapsed"]["epoch"] == summary["epochs"]
+    assert _versions(home, "panda") == []  # never a challenger, not even a version
+    client = _client(home)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "adaptad-two"]
+    collapsed = client.search_runs([experiment.experiment_id], "tags.collapsed = 'true'")
+    assert {run.data.tags["category"] for run in collapsed} == {"kolektorsdd", "magnetic_tile"}
+    assert all("COLLAPSED" in run.data.tags["mlflow.note.content"] for run in collapsed)
+    assert all("train/monitor/effective_rank" in run.data.metrics for run in collapsed)

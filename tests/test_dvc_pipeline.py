@@ -123,3 +123,21 @@ def test_bad_inputs_fail_clearly_and_register_nothing(repro, tmp_path) -> None:
     finally:
         broken.unlink()
     assert len(versions(repo)) == before
+
+
+def test_dvc_exp_run_compares_methods_and_plots_render(repro) -> None:
+    """Last in this module: `dvc exp run -S` changes the workspace params."""
+    repo, env, _ = repro
+    exp = run(["dvc", "exp", "run", "-S", "method=padim", "-S", "methods.padim.d=40"], repo, env, 600)
+    assert exp.returncode == 0, exp.stdout[-2000:] + exp.stderr[-3000:]
+    assert "Running stage 'pipeline'" in exp.stdout and "Running stage 'prepare@demo'" not in exp.stdout
+    metrics = json.loads((repo / "metrics" / "pipeline.json").read_text())
+    assert metrics["method"] == "padim" and metrics["categories"]["deeppcb"]["pixel_auroc"] > 0.7
+    shown = run(["dvc", "exp", "show", "--json"], repo, env, 120)
+    assert shown.returncode == 0 and "padim" in shown.stdout and "image_auroc" in shown.stdout
+    assert {v.tags["method"] for v in versions(repo)} == {"panda", "padim"}
+    plots = run(["dvc", "plots", "show", "-o", str(repo / "plots-html")], repo, env, 120)
+    assert plots.returncode == 0, plots.stderr[-2000:]
+    html = (repo / "plots-html" / "index.html").read_text()
+    assert "plots_roc_deeppcb_csv" in html and "plots_pro_deeppcb_csv" in html  # both plots, with data
+    assert '"tpr"' in html and '"pro"' in html

@@ -25,6 +25,9 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
+#: the quality metrics every evaluation reports, in report order
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
+
 __all__ = [
     "aupro",
     "binary_curve",

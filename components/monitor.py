@@ -10,7 +10,8 @@ split) with the method's own image representation (``AnomalyMethod.monitor_featu
 - ``knn_overlap``: mean fraction of each validation image's ``knn`` nearest validation images that are
   also its nearest ones under the pretrained features (1 = the neighbourhood graph is intact).
 - ``separation``: AUROC of synthetic anomalies vs held-out normal images, scored by the sum of squared
-  L2 distances to the 2 nearest features of a fixed reference subset of training images (DN2 rule);
+  L2 distances to the 2 nearest features of a fixed reference subset of training images (DN2 rule; the
+  first ``reference_images`` of each category, an image scored against its own category's);
   ``separation_drop`` is the pretrained value minus it.
 - ``drift``: mean relative change ||f − f₀|| / ||f₀|| of the validation features from their pretrained
   values.
@@ -20,7 +21,7 @@ A run is *collapsed* when any signal crosses its threshold (:class:`CollapseThre
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,10 +70,29 @@ def knn_overlap(current: torch.Tensor, pretrained: torch.Tensor, k: int) -> floa
     return float((shared / a.shape[1]).mean())
 
 
-def knn_separation(features: torch.Tensor, labels: np.ndarray, reference: torch.Tensor, k: int = 2) -> float:
-    """AUROC of label-1 vs label-0 rows scored by the sum of squared distances to the k nearest references."""
+def knn_separation(
+    features: torch.Tensor,
+    labels: np.ndarray,
+    reference: torch.Tensor,
+    k: int = 2,
+    groups: Sequence[str] | None = None,
+    reference_groups: Sequence[str] | None = None,
+) -> float:
+    """AUROC of label-1 vs label-0 rows scored by the sum of squared distances to the k nearest references.
+
+    With ``groups`` (e.g. the categories of a dataset-wide model) a row is scored against the references
+    of its own group only (against all of them when its group has none).
+    """
     d2 = torch.cdist(features.double(), reference.double()).pow(2)
-    scores = d2.topk(min(k, len(reference)), largest=False).values.sum(1)
+    k = min(k, len(reference))
+    if groups is not None and reference_groups is not None:
+        ref = np.asarray(reference_groups)
+        for i, group in enumerate(groups):
+            own = ref == group
+            if own.any():
+                d2[i, torch.from_numpy(~own)] = float("inf")
+                k = min(k, int(own.sum()))
+    scores = d2.topk(k, largest=False).values.sum(1)
     return validation_auroc(labels, scores.numpy())
 
 
@@ -91,34 +111,42 @@ class CollapseMonitor:
 
     thresholds: CollapseThresholds = field(default_factory=CollapseThresholds)
     reference: torch.Tensor | None = None  # uint8 train images the separation is scored against
+    reference_groups: list[str] = field(default_factory=list)  # their categories
     pretrained: torch.Tensor | None = None  # validation features before training
     baseline: dict[str, float] = field(default_factory=dict)
 
-    def _features(self, features: Features, validation: Iterable[dict]) -> tuple[torch.Tensor, np.ndarray]:
-        feats, labels = [], []
+    def _features(
+        self, features: Features, validation: Iterable[dict]
+    ) -> tuple[torch.Tensor, np.ndarray, list[str] | None]:
+        feats, labels, groups = [], [], []
         for batch in validation:
             feats.append(features(batch["image"]).float().cpu())
             labels.append(np.asarray(batch["label"]))
-        return torch.cat(feats), np.concatenate(labels)
+            groups.extend(batch.get("category") or [])
+        n = sum(len(f) for f in feats)
+        return torch.cat(feats), np.concatenate(labels), (groups if len(groups) == n else None)
 
     def _reference_features(self, features: Features) -> torch.Tensor:
         assert self.reference is not None, "begin() first"
         return torch.cat([features(chunk).float().cpu() for chunk in self.reference.split(32)])
 
     def begin(self, features: Features, train: Iterable[dict], validation: Iterable[dict]) -> MonitorReport:
-        """Record the pretrained state (epoch 0): reference images, validation features, baseline signals."""
+        """Record the pretrained state (epoch 0): reference images (the first ``reference_images`` training
+        images of each category), validation features, baseline signals."""
         kept: list[torch.Tensor] = []
-        n = 0
+        groups: list[str] = []
+        count: dict[str, int] = {}
         for batch in train:
-            take = batch["image"][: self.thresholds.reference_images - n]
-            kept.append(take.cpu())
-            n += len(take)
-            if n >= self.thresholds.reference_images:
-                break
-        if n < 2:
+            names = batch.get("category") or [""] * len(batch["image"])
+            for image, group in zip(batch["image"], names, strict=True):
+                if count.get(group, 0) < self.thresholds.reference_images:
+                    kept.append(image.cpu())
+                    groups.append(group)
+                    count[group] = count.get(group, 0) + 1
+        if len(kept) < 2:
             raise ValueError("collapse monitor: needs at least 2 training images for its reference set")
-        self.reference = torch.cat(kept)
-        self.pretrained, _ = self._features(features, validation)
+        self.reference, self.reference_groups = torch.stack(kept), groups
+        self.pretrained, _, _ = self._features(features, validation)
         report = self.measure(features, validation)
         self.baseline = dict(report.metrics)
         return report
@@ -126,7 +154,7 @@ class CollapseMonitor:
     def measure(self, features: Features, validation: Iterable[dict]) -> MonitorReport:
         """The signals of the current weights, and the verdict against the thresholds."""
         assert self.pretrained is not None, "begin() first"
-        current, labels = self._features(features, validation)
+        current, labels, groups = self._features(features, validation)
         if current.shape != self.pretrained.shape:
             raise ValueError(
                 f"collapse monitor: the validation slice changed ({tuple(current.shape)} features, "
@@ -140,7 +168,9 @@ class CollapseMonitor:
         normal = labels == 0
         t = self.thresholds
         rank = effective_rank(current[torch.from_numpy(normal)])
-        separation = knn_separation(current, labels, self._reference_features(features))
+        separation = knn_separation(
+            current, labels, self._reference_features(features), 2, groups, self.reference_groups
+        )
         rel = (current - self.pretrained).norm(dim=1) / self.pretrained.norm(dim=1).clamp_min(1e-12)
         metrics = {
             "effective_rank": rank,
@@ -169,8 +199,14 @@ class CollapseMonitor:
         return MonitorReport(metrics=metrics, collapsed=bool(reasons), reason="; ".join(reasons))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reference": self.reference, "pretrained": self.pretrained, "baseline": dict(self.baseline)}
+        return {
+            "reference": self.reference,
+            "reference_groups": list(self.reference_groups),
+            "pretrained": self.pretrained,
+            "baseline": dict(self.baseline),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reference, self.pretrained = state["reference"], state["pretrained"]
+        self.reference_groups = list(state.get("reference_groups", []))
         self.baseline = dict(state["baseline"])

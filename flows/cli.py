@@ -127,6 +127,12 @@ def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
             "MLflow run and registered version (alias challenger)",
         ),
         ("promote", "run the Prefect promote flow: challenger vs champion against the gates in params.yaml"),
+        (
+            "grid",
+            "run the Prefect grid flow: every dataset x category x method x backbone x image size x seed of "
+            "params.yaml's grid section as jobs on the Ray cluster (finished jobs reused by run key), then "
+            "the leaderboard (markdown, parquet, heat maps, MLflow parent run, DVC metrics/plots)",
+        ),
     ):
         cmd = sub.add_parser(name, help=text, description=text + ".", formatter_class=fmt)
         cmd.add_argument("--params", default="params.yaml", type=Path, help="params file")
@@ -140,6 +146,13 @@ def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
             metavar="KEY=VALUE",
             help="override a params.yaml value (dotted key, YAML value), e.g. -S method=patchcore",
         )
+        if name == "grid":
+            cmd.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="print every job (run key, done or not) and its estimated cost; run nothing, start "
+                "no service",
+            )
 
 
 def _embedded_defaults() -> None:
@@ -152,7 +165,7 @@ def _embedded_defaults() -> None:
 
 
 def pipeline_command(args: argparse.Namespace) -> int:
-    """``prepare`` / ``pipeline`` / ``promote``; bad input → UsageError, a failed category → exit 1."""
+    """``prepare`` / ``pipeline`` / ``promote`` / ``grid``; bad input → UsageError, a failed job → exit 1."""
     from components.data import DataError
     from flows.params import ParamsError, load_params
 
@@ -168,7 +181,17 @@ def pipeline_command(args: argparse.Namespace) -> int:
 
         params = load_params(args.params, overrides)
         check_method(params, args.params)  # fail before any service starts
-        if args.command == "pipeline":
+        if args.command == "grid":
+            from flows.grid import dry_run, expand, run_grid
+            from flows.tracking import check_tracking, resolve_tracking_uri
+
+            plan = expand(params, args.params)  # every variant checked, every manifest read
+            if args.dry_run:
+                print(dry_run(plan))
+                return 0
+            check_tracking(resolve_tracking_uri(params))
+            result = run_grid(args.params, overrides, check=False)  # checked above
+        elif args.command == "pipeline":
             from flows.pipeline import load_category_samples
             from flows.tracking import check_tracking, resolve_tracking_uri
 
@@ -281,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             from flows.predict import predict_command
 
             print(json.dumps(predict_command(args)))
-        elif args.command in ("prepare", "pipeline", "promote"):
+        elif args.command in ("prepare", "pipeline", "promote", "grid"):
             return pipeline_command(args)
     except UsageError as err:
         print(f"adaptad: error: {err}", file=sys.stderr)

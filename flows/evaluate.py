@@ -6,6 +6,11 @@ A run folder (``runs/categories/<run key>/``) appears atomically, complete or no
 - ``metrics.json``   image/pixel AUROC, AUPRO@0.3, F1-max, timings, and the run's identity
 - ``scores.parquet`` per-image scores; ``roc.csv`` / ``pro.csv`` curves; ``heatmaps.png``, ``curves.png``
 - ``history.json``   per-epoch training signals; ``train.json`` training summary and tags
+- ``examples/``      the same few test images for every method of the category (images, masks, this
+                     method's maps; components.plots.comparison_examples) for side-by-side heat maps
+
+``metrics.json`` also records the evaluation's peak resident memory (``peak_rss_mb``: the process that ran
+it, sampled by a thread every 20 ms) and, on a GPU, the CUDA allocator's peak (``peak_cuda_mb``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,10 +34,8 @@ from components.banks import replace_dir
 from components.data import Sample
 from components.evaluation import fit_and_evaluate
 from components.methods import MethodSpec, build_method, load_networks
-from components.metrics import pro_curve_table, roc_curve_table
-from components.plots import curves_plot, heatmap_grid
-
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
+from components.metrics import METRIC_KEYS, pro_curve_table, roc_curve_table
+from components.plots import comparison_examples, curves_plot, heatmap_grid, save_examples
 
 
 @dataclass
@@ -54,6 +58,50 @@ class CategoryJob:
 
 def _write_csv(columns: dict[str, np.ndarray], path: Path) -> None:
     pcsv.write_csv(pa.table({k: np.asarray(v, np.float64) for k, v in columns.items()}), path)
+
+
+class PeakMemory:
+    """Peak resident set size (MB) of this process while the block runs, sampled by a thread every 20 ms.
+
+    On a CUDA device the allocator's own peak is read as well (``cuda_mb``; None on the CPU).
+    """
+
+    def __init__(self, interval: float = 0.02) -> None:
+        import psutil
+
+        self._process, self._interval = psutil.Process(), interval
+        self._stop = threading.Event()
+        self.before_mb = self.peak_mb = self._rss()
+        self.cuda_mb: float | None = None
+
+    def _rss(self) -> float:
+        return self._process.memory_info().rss / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak_mb = max(self.peak_mb, self._rss())
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._rss())
+        if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+            self.cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+
+    def metrics(self) -> dict[str, float]:
+        out = {"peak_rss_mb": self.peak_mb, "rss_before_mb": self.before_mb}
+        return out | ({"peak_cuda_mb": self.cuda_mb} if self.cuda_mb is not None else {})
 
 
 def evaluate_category(job: CategoryJob, directory: str | Path, device: str | None = None) -> dict[str, Any]:
@@ -83,7 +131,9 @@ def evaluate_category(job: CategoryJob, directory: str | Path, device: str | Non
         if identity["collapsed"]:
             metrics = dict.fromkeys(METRIC_KEYS, float("nan")) | training_metrics
         else:
-            metrics = _evaluate_into(job, tmp, device, identity) | training_metrics
+            with PeakMemory() as memory:
+                metrics = _evaluate_into(job, tmp, device, identity)
+            metrics |= training_metrics | memory.metrics()
         metrics["evaluate_seconds"] = time.perf_counter() - t0
         (tmp / "history.json").write_text(json.dumps(job.training.get("history", []), indent=2))
         (tmp / "train.json").write_text(
@@ -121,6 +171,8 @@ def _evaluate_into(job: CategoryJob, tmp: Path, device: str | None, identity: di
     title = f"{job.dataset}/{job.category} · {spec.method} · {spec.backbone} @ {spec.image_size}px"
     heatmap_grid(result.samples, result.scores, result.maps, result.masks, tmp / "heatmaps.png", title=title)
     curves_plot(roc, pro, metrics, tmp / "curves.png", title=title)
+    examples = comparison_examples(result.samples)
+    save_examples(tmp / "examples", result.samples, result.maps, result.masks, examples)
     return metrics
 
 

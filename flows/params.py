@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,10 +28,58 @@ class Strict(BaseModel):
 
 
 class Dataset(Strict):
-    root: str = Field(description="folder with one sub-folder per category (MVTec layout)")
-    layout: Literal["mvtec"] = "mvtec"
-    categories: list[str] = Field(min_length=1)
+    """A data set: a folder in MVTec layout, or a classification set under the one-class protocol.
+
+    One-class layouts (``fashion_mnist``, ``cifar10``, ``cifar100``): every class is a category (its train
+    images are the normal ones, the whole test set is scored, the other classes being the anomalies); no
+    masks. ``categories`` defaults to every class; ``root`` to the Debian path for Fashion-MNIST.
+    """
+
+    root: str | None = Field(None, description="MVTec layout: one sub-folder per category")
+    layout: Literal["mvtec", "fashion_mnist", "cifar10", "cifar100"] = "mvtec"
+    categories: list[str] = Field(default_factory=list)
     masks: bool = True
+    coarse: bool = Field(False, description="cifar100: the 20 super-classes instead of the 100 classes")
+    limit_train: int | None = Field(None, ge=1, description="one-class: first N normal train images")
+    limit_test: int | None = Field(None, ge=1, description="one-class: first N test images of each class")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _oneclass_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("layout", "mvtec") == "mvtec":
+            return data
+        from components.data import FASHION_MNIST_ROOT, DataError, class_names
+
+        data = dict(data)
+        if data.get("masks"):
+            raise ValueError("masks: one-class data sets have no masks (leave it out)")
+        data["masks"] = False
+        if data["layout"] == "fashion_mnist" and data.get("root") is None:
+            data["root"] = FASHION_MNIST_ROOT
+        if not data.get("categories") and isinstance(data.get("root"), str):
+            try:
+                data["categories"] = class_names(
+                    data["layout"], data["root"], coarse=bool(data.get("coarse"))
+                )
+            except DataError as err:
+                raise ValueError(f"root: {err}") from None
+        return data
+
+    @model_validator(mode="after")
+    def _complete(self) -> Dataset:
+        if self.root is None:
+            raise ValueError(f"root: required for the {self.layout} layout")
+        if not self.categories:
+            raise ValueError("categories: at least one category is required")
+        if self.layout == "mvtec" and (self.coarse or self.limit_train or self.limit_test):
+            raise ValueError("coarse, limit_train and limit_test apply to one-class layouts only")
+        if len(set(self.categories)) != len(self.categories):
+            raise ValueError("categories: listed twice")
+        return self
+
+    @property
+    def oneclass(self) -> bool:
+        return self.layout != "mvtec"
 
 
 _DEFAULT = CollapseThresholds()
@@ -111,6 +159,52 @@ class Promote(Strict):
     decisions_file: str = "metrics/promotion.json"
 
 
+def _unique(name: str, values: list) -> list:
+    seen = [v for i, v in enumerate(values) if v in values[:i]]
+    if seen:
+        raise ValueError(f"{seen[0]!r} is listed twice")
+    return values
+
+
+class Grid(Strict):
+    """A benchmark grid: every dataset x category x method x backbone x image size x seed is one job.
+
+    Empty ``backbones`` / ``image_sizes`` / ``seeds`` mean the top-level ``backbone`` / ``image_size`` /
+    ``seed``; a dataset missing from ``categories`` contributes all of its categories.
+    """
+
+    datasets: list[str] = Field(min_length=1)
+    categories: dict[str, list[str]] = Field(default_factory=dict, description="per dataset: a subset")
+    methods: list[str] = Field(min_length=1)
+    backbones: list[str] = Field(default_factory=list)
+    image_sizes: list[Annotated[int, Field(ge=32, le=1024)]] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=list)
+    concurrency: int = Field(2, ge=1, description="jobs at once (Ray packs them on the cluster's resources)")
+    cpus_per_job: int | None = Field(
+        None, ge=1, description="CPUs of a job's evaluation task; null: train.num_workers x cpus_per_worker"
+    )
+    runs_dir: str = Field(
+        "runs/grid/jobs",
+        description="run folders of the jobs; pipeline.runs_dir shares them with the pipeline",
+    )
+    output: str = Field("runs/grid", description="leaderboard.md / .parquet, jobs.parquet, heatmaps/")
+    metrics_file: str = "metrics/grid.json"
+    plots_dir: str = "plots/grid"
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in METHODS:
+                raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        return _unique("methods", v)
+
+    @field_validator("datasets", "backbones", "image_sizes", "seeds")
+    @classmethod
+    def _no_repeats(cls, v: list) -> list:
+        return _unique("", v)
+
+
 class Params(Strict):
     dataset: str
     datasets: dict[str, Dataset] = Field(min_length=1)
@@ -126,6 +220,7 @@ class Params(Strict):
     pipeline: Pipeline = Pipeline()
     mlflow: MLflow = MLflow()
     promote: Promote = Promote()
+    grid: Grid | None = None
 
     @field_validator("method")
     @classmethod
@@ -151,6 +246,30 @@ class Params(Strict):
         return self
 
     # --- derived -------------------------------------------------------------------------------------
+    def check_grid(self) -> None:
+        """The grid section's cross-references (datasets, categories); ValueError naming the key.
+
+        Checked only where the grid runs: a pipeline params file may change ``datasets`` freely.
+        """
+        if self.grid is None:
+            return
+        for name in self.grid.datasets:
+            if name not in self.datasets:
+                raise ValueError(
+                    f"grid.datasets: {name!r} is not declared under datasets ({', '.join(self.datasets)})"
+                )
+        for name, categories in self.grid.categories.items():
+            if name not in self.grid.datasets:
+                raise ValueError(f"grid.categories.{name}: {name!r} is not one of grid.datasets")
+            if not categories:
+                raise ValueError(f"grid.categories.{name}: empty (leave the dataset out for all)")
+            for c in categories:
+                if c not in self.datasets[name].categories:
+                    raise ValueError(
+                        f"grid.categories.{name}: {c!r} is not a category of datasets.{name} "
+                        f"({', '.join(self.datasets[name].categories)})"
+                    )
+
     @property
     def data(self) -> Dataset:
         return self.datasets[self.dataset]

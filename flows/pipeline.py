@@ -89,6 +89,31 @@ def train_task(key: str, params: Params, category: str, train_samples: list[Samp
     return {"directory": str(result.directory.resolve()), "run_key": key, **result.summary}
 
 
+def category_job(
+    params: Params,
+    category: str,
+    key: str,
+    data_version: str,
+    samples: list[Sample],
+    training: dict[str, Any],
+) -> CategoryJob:
+    """The evaluation job of one category of ``params.dataset`` (absolute paths: workers may run anywhere)."""
+    return CategoryJob(
+        dataset=params.dataset,
+        category=category,
+        run_key=key,
+        data_version=data_version,
+        spec=params.spec(),
+        train=[absolute(s) for s in samples if s.split == "train"],
+        test=[absolute(s) for s in samples if s.split == "test"],
+        masks=params.data.masks,
+        batch_size=params.evaluate.batch_size,
+        loader_workers=params.evaluate.loader_workers,
+        trained=Path(training["directory"]) if training else None,
+        training=training,
+    )
+
+
 @task(name="evaluate", cache_key_fn=_key("evaluate"), persist_result=True)
 def evaluate_task(
     key: str,
@@ -105,20 +130,7 @@ def evaluate_task(
     done = read_run(run_dir)
     if done is not None:
         return done
-    job = CategoryJob(
-        dataset=params.dataset,
-        category=category,
-        run_key=key,
-        data_version=data_version,
-        spec=params.spec(),
-        train=[absolute(s) for s in samples if s.split == "train"],
-        test=[absolute(s) for s in samples if s.split == "test"],
-        masks=params.data.masks,
-        batch_size=params.evaluate.batch_size,
-        loader_workers=params.evaluate.loader_workers,
-        trained=Path(training["directory"]) if training else None,
-        training=training,
-    )
+    job = category_job(params, category, key, data_version, samples, training)
     t0 = time.perf_counter()
     if not os.environ.get("RAY_ADDRESS"):  # embedded: evaluate here (CUDA when this machine has it)
         result = evaluate_category(

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components.data import build_manifest, list_categories, scan_mvtec, write_manifest
+from components.data import build_manifest, list_categories, oneclass_category, scan_mvtec, write_manifest
 from flows.params import load_params
 
 
@@ -23,13 +23,32 @@ def prepare(params_path: str | Path = "params.yaml", dataset: str | None = None)
 
         raise DataError(f"--dataset {name!r}: not declared under datasets in {params_path}")
     data = params.datasets[name]
-    available = list_categories(data.root)
-    missing = [c for c in data.categories if c not in available]
-    if missing:
+    if data.oneclass:  # every category is a class: its train images normal, the whole test set scored
         from components.data import DataError
 
-        raise DataError(f"{data.root}: categories {missing} not found (present: {', '.join(available)})")
-    samples = [s for c in data.categories for s in scan_mvtec(data.root, c, masks=data.masks)]
+        try:
+            samples = [
+                s
+                for c in data.categories
+                for s in oneclass_category(
+                    data.layout,
+                    data.root,
+                    c,
+                    coarse=data.coarse,
+                    limit_train=data.limit_train,
+                    limit_test=data.limit_test,
+                )
+            ]
+        except DataError as err:
+            raise DataError(f"{params_path}: datasets.{name}: {err}") from None
+    else:
+        available = list_categories(data.root)
+        missing = [c for c in data.categories if c not in available]
+        if missing:
+            from components.data import DataError
+
+            raise DataError(f"{data.root}: categories {missing} not found (present: {', '.join(available)})")
+        samples = [s for c in data.categories for s in scan_mvtec(data.root, c, masks=data.masks)]
     t0 = time.perf_counter()
     table = build_manifest(samples, workers=min(4, os.cpu_count() or 1))
     path = params.manifest_path(name)

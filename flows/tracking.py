@@ -25,11 +25,12 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from components.metrics import METRIC_KEYS
 from flows.params import Params, code_version
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
-METRIC_TAGS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
+METRIC_TAGS = METRIC_KEYS
 ARTIFACTS = (
     "heatmaps.png",
     "curves.png",

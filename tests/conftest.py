@@ -100,3 +100,43 @@ def repo_copy(dst: Path) -> Path:
     subprocess.run(["git", "add", "-A"], cwd=dst, check=True)
     subprocess.run([*git, "commit", "-qm", "copy"], cwd=dst, check=True)
     return dst
+
+
+def run_in_one_process(runner: str, params: Path, steps: list, env: dict, prefix: str, timeout: int):
+    """Run ``python -m tests.<runner> PARAMS STEPS_JSON``; return its ``<prefix> {json}`` lines and output.
+
+    The runners keep several flow runs in one process, so the services start once. A failing run or a
+    missing result line fails the calling test with the tail of the runner's output.
+    """
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", f"tests.{runner}", str(params), json.dumps(steps)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [json.loads(x.split(" ", 1)[1]) for x in out.stdout.splitlines() if x.startswith(f"{prefix} ")]
+    assert out.returncode == 0 and len(lines) == len(steps), out.stdout[-3000:] + out.stderr[-5000:]
+    return lines, out
+
+
+def two_category_params(industrial_root: Path, home: Path, sizes: tuple[int, int, int, int], image_size: int):
+    """params.yaml as a dict over a dataset ``two`` of small kolektorsdd and magnetic_tile subsets.
+
+    ``sizes``: train images, normal test images, defect images per kolektorsdd and per magnetic_tile type.
+    """
+    import yaml
+
+    n_train, n_good, n_kol, n_mt = sizes
+    data = home / "data"
+    copy_subset(industrial_root / "kolektorsdd", data / "kolektorsdd", n_train, n_good, n_kol)
+    copy_subset(industrial_root / "magnetic_tile", data / "magnetic_tile", n_train, n_good, n_mt)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["datasets"] = {"two": {"root": str(data), "categories": ["kolektorsdd", "magnetic_tile"]}}
+    params.update(dataset="two", image_size=image_size, manifests_dir=str(home / "manifests"))
+    return params

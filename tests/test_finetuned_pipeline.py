@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, copy_subset, service_env
+from tests.conftest import run_in_one_process, service_env, two_category_params
 
 SIZE = 64
 RUNS = {
@@ -62,16 +61,11 @@ def dotted(overrides: dict) -> dict:
 def runs(tmp_path_factory, industrial_root):
     """Prepare a two-category dataset, then run every method of RUNS through the pipeline flow."""
     home = tmp_path_factory.mktemp("finetuned")
-    data = home / "data"
-    copy_subset(industrial_root / "kolektorsdd", data / "kolektorsdd", 20, 6, 6)
-    copy_subset(industrial_root / "magnetic_tile", data / "magnetic_tile", 20, 6, 2)
+    params = two_category_params(industrial_root, home, (20, 6, 6, 2), SIZE)
     outliers = home / "outliers"  # outlier exposure set for panda_oe: deeppcb images, another product
     outliers.mkdir()
     for image in sorted((industrial_root / "deeppcb" / "train" / "good").iterdir())[:16]:
         shutil.copy(image, outliers / image.name)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["datasets"] = {"two": {"root": str(data), "categories": ["kolektorsdd", "magnetic_tile"]}}
-    params.update(dataset="two", image_size=SIZE, manifests_dir=str(home / "manifests"))
     params["methods"].setdefault("panda_oe", {})["outliers"] = str(outliers)
     params["train"].update(batch_size=8, storage=str(home / "ray"))
     params["pipeline"].update(
@@ -86,16 +80,7 @@ def runs(tmp_path_factory, industrial_root):
     env = service_env(home)
     subprocess.run(["adaptad", "prepare", "--params", str(path)], env=env, check=True, capture_output=True)
     overrides = [{"pipeline.runs_dir": str(home / "runs" / name), **dotted(o)} for name, o in RUNS.items()]
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.flow_runner", str(path), json.dumps(overrides)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    lines = [json.loads(x.split(" ", 1)[1]) for x in out.stdout.splitlines() if x.startswith("FLOW-RESULT ")]
-    assert out.returncode == 0 and len(lines) == len(RUNS), out.stdout[-3000:] + out.stderr[-5000:]
+    lines, out = run_in_one_process("flow_runner", path, overrides, env, "FLOW-RESULT", timeout=1800)
     return home, dict(zip(RUNS, lines, strict=True)), out
 
 

@@ -42,6 +42,17 @@ def test_knn_separation_is_the_auroc_of_distances_to_the_reference() -> None:
     assert np.isnan(knn_separation(feats, np.zeros(4, int), ref))
 
 
+def test_knn_separation_scores_each_row_against_its_own_group() -> None:
+    """A dataset-wide model: two categories far apart; each image must be compared with its own one's."""
+    ref = torch.tensor([[0.0, 0.0], [0.1, 0.0], [10.0, 0.0], [10.1, 0.0]])
+    ref_groups = ["a", "a", "b", "b"]
+    feats = torch.tensor([[0.0, 0.1], [10.0, 0.1], [0.0, 2.0], [10.0, 2.0]])  # normal a, normal b, anomalies
+    labels = np.array([0, 0, 1, 1])
+    assert knn_separation(feats, labels, ref, 2, ["a", "b", "a", "b"], ref_groups) == 1.0
+    # a group with a single reference: k shrinks to it instead of reaching into the other group
+    assert knn_separation(feats, labels, ref[1:], 2, ["a", "b", "a", "b"], ref_groups[1:]) == 1.0
+
+
 def _batches(x: torch.Tensor, labels: np.ndarray, size: int = 16):
     return [{"image": x[i : i + size], "label": labels[i : i + size]} for i in range(0, len(x), size)]
 

@@ -5,7 +5,13 @@ from components.data.dataset import ImageDataset
 from components.data.images import load_image, load_mask
 from components.data.manifest import build_manifest, manifest_version, read_manifest, write_manifest
 from components.data.mvtec import list_categories, scan_image_folder, scan_mvtec
-from components.data.oneclass import FASHION_MNIST_ROOT, oneclass_samples
+from components.data.oneclass import (
+    FASHION_MNIST_ROOT,
+    ONECLASS_LAYOUTS,
+    class_names,
+    oneclass_category,
+    oneclass_samples,
+)
 from components.data.samples import IMAGE_EXTENSIONS, DataError, Sample, split_validation
 from components.data.synthetic import SYNTHETIC_KINDS, cutpaste, noise_patch, synthetic_anomalies
 from components.data.vicinal import VICINAL_KINDS, cutmix, mixup, vicinal
@@ -14,12 +20,14 @@ from components.data.visa import scan_visa
 __all__ = [
     "FASHION_MNIST_ROOT",
     "IMAGE_EXTENSIONS",
+    "ONECLASS_LAYOUTS",
     "SYNTHETIC_KINDS",
     "VICINAL_KINDS",
     "DataError",
     "ImageDataset",
     "Sample",
     "build_manifest",
+    "class_names",
     "cutmix",
     "cutpaste",
     "list_categories",
@@ -28,6 +36,7 @@ __all__ = [
     "manifest_version",
     "mixup",
     "noise_patch",
+    "oneclass_category",
     "oneclass_samples",
     "read_manifest",
     "scan_image_folder",

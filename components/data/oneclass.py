@@ -20,9 +20,22 @@ from components.data.samples import DataError, Sample
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 DATASETS = ("cifar10", "cifar100", "fashion_mnist")
+ONECLASS_LAYOUTS = DATASETS  # the `layout` values of one-class data sets in params.yaml
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)  # fmt: skip  (the label_names of cifar-10-batches-py/batches.meta)
 
 _PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -188,3 +201,49 @@ def oneclass_samples(
             elif split == "test":
                 samples.append(Sample(f"{file}#{i}", category, split, 1, _slug(names[y])))
     return samples
+
+
+def class_names(dataset: str, root: str | os.PathLike | None, *, coarse: bool = False) -> list[str]:
+    """The category names of a one-class data set (its class names, lower case, ``_`` separated).
+
+    Fashion-MNIST and CIFAR-10 have fixed names; CIFAR-100's come from ``cifar-100-python/meta``.
+    """
+    if dataset == "fashion_mnist":
+        return [_slug(n) for n in FASHION_MNIST_CLASSES]
+    if dataset == "cifar10":
+        return list(CIFAR10_CLASSES)
+    if dataset == "cifar100":
+        if root is None:
+            raise DataError("root: required for cifar100")
+        folder = _locate(Path(root), "cifar-100-python", "meta")
+        key = "coarse_label_names" if coarse else "fine_label_names"
+        return [_slug(n) for n in read_cifar_pickle(folder / "meta")[key]]
+    raise DataError(f"dataset: unknown {dataset!r}; available: {', '.join(DATASETS)}")
+
+
+def oneclass_category(
+    dataset: str,
+    root: str | os.PathLike | None,
+    category: str,
+    *,
+    coarse: bool = False,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> list[Sample]:
+    """:func:`oneclass_samples` of the class named ``category``, optionally cut for quick runs.
+
+    ``limit_train`` keeps the first N train images of the normal class, ``limit_test`` the first N test
+    images of every class (so the anomaly ratio of the whole test set is kept). None: all of them.
+    """
+    names = class_names(dataset, root, coarse=coarse)
+    if category not in names:
+        raise DataError(f"categories: {category!r} is not a class of {dataset} ({', '.join(names)})")
+    samples = oneclass_samples(dataset, root, names.index(category), coarse=coarse)
+    kept, seen = [], {}
+    for s in samples:
+        limit = limit_train if s.split == "train" else limit_test
+        group = (s.split, s.defect)
+        if limit is None or seen.get(group, 0) < limit:
+            seen[group] = seen.get(group, 0) + 1
+            kept.append(s)
+    return kept

@@ -1,0 +1,265 @@
+"""The benchmark grid end to end — real Prefect engine (ephemeral API), real local Ray cluster, MLflow on
+sqlite — on small subsets of the shared industrial data sets (2 frozen methods × 2 categories × 1 seed at
+64 px) and a Fashion-MNIST slice through the one-class protocol.
+
+All grid runs share one process (tests/grid_runner.py), so the services start once:
+
+1. ``first``: one magnetic_tile train image is hidden (that category's jobs fail, retried once) and the
+   Ray worker evaluating kolektorsdd/padim is SIGKILLed mid-run (Prefect retries it, it finishes);
+2. ``rerun``: the image is back — only the two missing jobs run;
+3. ``again``: nothing changed — nothing is recomputed, no MLflow run is added;
+4. ``plan``: the dry-run table now says every job is done;
+5. ``fmnist``: two Fashion-MNIST classes as the normal one, padim, every test class scored.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from components.data import FASHION_MNIST_ROOT
+from tests.conftest import run_in_one_process, service_env, two_category_params
+
+SIZE = 64
+KILL = "evaluate:two/kolektorsdd/padim/"  # the Ray task name of one job (its worker's process title)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, industrial_root):
+    home = tmp_path_factory.mktemp("grid")
+    params = two_category_params(industrial_root, home, (12, 4, 4, 1), SIZE)
+    if Path(FASHION_MNIST_ROOT).is_dir():
+        params["datasets"]["fmnist"] = {
+            "layout": "fashion_mnist",
+            "root": FASHION_MNIST_ROOT,
+            "categories": ["trouser", "bag"],
+            "limit_train": 40,
+            "limit_test": 10,
+        }
+    params["methods"].update(padim={"d": 40}, patchcore={"coreset_ratio": 0.1})
+    params["train"].update(storage=str(home / "ray"))
+    params["pipeline"].update(retries=1, retry_delay_seconds=0, runs_dir=str(home / "pipeline-runs"))
+    params["grid"] = {
+        "datasets": ["two"],
+        "methods": ["padim", "patchcore"],
+        "seeds": [0],
+        "concurrency": 2,
+        "cpus_per_job": 1,
+        "runs_dir": str(home / "jobs"),
+        "output": str(home / "grid"),
+        "metrics_file": str(home / "metrics" / "grid.json"),
+        "plots_dir": str(home / "plots" / "grid"),
+    }
+    params["mlflow"].update(tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=str(home / "art"))
+    path = home / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    from flows.stages import prepare
+
+    for dataset in params["datasets"]:  # the manifests (adaptad prepare --dataset NAME), in this process
+        prepare(path, dataset)
+    return home, path, service_env(home)
+
+
+@pytest.fixture(scope="module")
+def dry(setup):
+    """``adaptad grid --dry-run`` before anything ran."""
+    home, path, env = setup
+    out = subprocess.run(
+        ["adaptad", "grid", "--params", str(path), "--dry-run"], env=env, capture_output=True, text=True
+    )
+    return out, sorted(p.name for p in home.iterdir())
+
+
+@pytest.fixture(scope="module")
+def steps(setup, dry):
+    home, path, env = setup
+    victim = sorted((home / "data" / "magnetic_tile" / "train" / "good").iterdir())[0]
+    hidden = home / f"hidden-{victim.name}"
+    plan = [
+        {"name": "first", "move": [[str(victim), str(hidden)]], "kill": KILL},
+        {"name": "rerun", "move": [[str(hidden), str(victim)]]},
+        {"name": "again"},
+        {"name": "plan", "plan": True},
+    ]
+    if Path(FASHION_MNIST_ROOT).is_dir():
+        fmnist = {"grid.datasets": ["fmnist"], "grid.methods": ["padim"], "grid.output": str(home / "fm")}
+        fmnist |= {"grid.metrics_file": str(home / "fm.json"), "grid.plots_dir": str(home / "fm-plots")}
+        plan.append({"name": "fmnist", "overrides": fmnist})
+    lines, out = run_in_one_process("grid_runner", path, plan, env, "GRID-RESULT", timeout=900)
+    (home / "runner.log").write_text(out.stdout + out.stderr)
+    return {line["name"]: line for line in lines}, victim, out
+
+
+def _jobs(home: Path, step: str) -> dict[tuple[str, str], dict]:
+    folder = home / ("fm.fmnist" if step == "fmnist" else f"grid.{step}")  # the output after the step
+    rows = pq.read_table(folder / "jobs.parquet").to_pylist()
+    return {(r["category"], r["method"]): r for r in rows}
+
+
+def _children(line: dict) -> list[dict]:
+    return [r for r in line["mlflow"] if r["tags"].get("adaptad.grid") == "job"]
+
+
+def test_dry_run_lists_every_job_and_its_cost_before_anything_runs(dry) -> None:
+    out, created = dry
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["dataset", "category", "method"] and "run key" in lines[0]
+    jobs = [line.split() for line in lines[1:-1]]
+    assert len(jobs) == 4
+    assert {(j[1], j[2]) for j in jobs} == {
+        (c, m) for c in ("kolektorsdd", "magnetic_tile") for m in ("padim", "patchcore")
+    }
+    assert all(j[4] == str(SIZE) and j[5] == "0" and len(j[6]) == 16 and j[7] == "todo" for j in jobs)
+    assert all(float(j[8]) > 0 and j[9] == "model" for j in jobs)  # nothing measured yet: the cost model
+    assert lines[-1].startswith("4 jobs: 0 done, 4 to run; estimated")
+    # nothing ran: no run folder, no leaderboard, no MLflow store
+    assert not {"jobs", "grid", "mlflow.db", "art", "metrics"} & set(created), created
+
+
+def test_a_killed_job_is_retried_and_failing_jobs_are_named_while_the_others_finish(setup, steps) -> None:
+    home, _, _ = setup
+    lines, victim, _ = steps
+    first = lines["first"]
+    killed = first["killed"]
+    assert killed and killed[0].startswith("ray::" + KILL), killed  # a job's worker process was lost
+    error = first["error"]
+    assert error and error.startswith("RuntimeError: grid jobs failed:"), error
+    failed = error.split("grid jobs failed:")[1]
+    assert "two/magnetic_tile/padim/" in failed and "two/magnetic_tile/patchcore/" in failed
+    assert "kolektorsdd" not in failed and victim.name in failed
+    jobs = _jobs(home, "first")
+    assert jobs[("kolektorsdd", "padim")]["status"] == "done"
+    assert jobs[("kolektorsdd", "padim")]["attempts"] == 2  # killed once, retried by Prefect
+    assert jobs[("kolektorsdd", "patchcore")]["status"] == "done"
+    assert jobs[("kolektorsdd", "patchcore")]["attempts"] == 1  # the others went on
+    for method in ("padim", "patchcore"):
+        row = jobs[("magnetic_tile", method)]
+        assert row["status"] == "failed" and row["attempts"] == 2 and victim.name in row["reason"]
+    assert len(first["folders"]) == 2  # only the finished jobs have run folders
+    assert not list((home / "jobs").rglob(".evaluation*"))  # nothing half-written is left
+    board = (home / "grid.first" / "leaderboard.md").read_text()
+    assert "## Failed jobs" in board and "kolektorsdd | padim" in board
+    parents = [r for r in first["mlflow"] if r["tags"].get("adaptad.grid") == "parent"]
+    assert len(parents) == 1 and parents[0]["status"] == "FAILED"
+    assert len(_children(first)) == 2
+
+
+def test_the_rerun_finishes_only_the_missing_jobs(steps) -> None:
+    lines, _, _ = steps
+    first, rerun = lines["first"], lines["rerun"]
+    assert rerun["error"] is None, rerun["error"]
+    assert rerun["result"]["computed"] == 2 and rerun["result"]["reused"] == 2
+    for key, mtime in first["folders"].items():  # the finished jobs' results are intact, not recomputed
+        assert rerun["folders"][key] == mtime
+    assert len(rerun["folders"]) == 4
+    parents = [r for r in rerun["mlflow"] if r["tags"].get("adaptad.grid") == "parent"]
+    assert len(parents) == 1 and parents[0]["status"] == "FINISHED"  # the same parent, now finished
+    assert {r["id"] for r in _children(first)} < {r["id"] for r in _children(rerun)}
+    assert len(_children(rerun)) == 4
+
+
+def test_rerunning_a_finished_grid_does_no_work(steps) -> None:
+    lines, _, _ = steps
+    rerun, again = lines["rerun"], lines["again"]
+    assert again["error"] is None and again["result"]["computed"] == 0 and again["result"]["reused"] == 4
+    assert again["folders"] == rerun["folders"]  # nothing recomputed
+    assert [r["id"] for r in again["mlflow"]] == [r["id"] for r in rerun["mlflow"]]  # no new MLflow runs
+    table = lines["plan"]["result"].splitlines()
+    assert all(line.split()[7] == "done" for line in table[1:-1]) and table[-1].startswith("4 jobs: 4 done")
+
+
+def test_the_leaderboard_in_markdown_parquet_dvc_prefect_and_mlflow(setup, steps) -> None:
+    home, _, _ = setup
+    lines, _, _ = steps
+    again = lines["again"]
+    board = pq.read_table(home / "grid" / "leaderboard.parquet").to_pylist()
+    assert {(r["category"], r["method"]) for r in board} == {
+        (c, m) for c in ("kolektorsdd", "magnetic_tile") for m in ("padim", "patchcore")
+    }
+    for r in board:
+        assert r["seeds"] == 1 and r["image_auroc_std"] == 0.0
+        for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
+            assert 0 <= r[f"{k}_mean"] <= 1, (k, r)
+        assert r["fit_seconds"] > 0 and r["inference_seconds"] > 0 and r["images_per_second"] > 0
+        assert r["peak_rss_mb"] > 100  # the evaluation process's own peak (torch + backbone)
+    text = (home / "grid" / "leaderboard.md").read_text()
+    assert "## two" in text and "Mean over the 2 categories" in text and "peak RSS MB" in text
+    for category in ("kolektorsdd", "magnetic_tile"):
+        assert (home / "grid" / "heatmaps" / f"two__{category}.png").is_file()
+        assert (home / "plots" / "grid" / "heatmaps" / f"two__{category}.png").is_file()
+    metrics = json.loads((home / "metrics" / "grid.json").read_text())
+    assert metrics["done"] == 4 and set(metrics["datasets"]["two"]) == {"kolektorsdd", "magnetic_tile"}
+    header = (home / "plots" / "grid" / "leaderboard.csv").read_text().splitlines()[0].replace('"', "")
+    assert header.startswith("job,dataset,category,variant,image_auroc")
+    assert again["artifact"]["count"] >= 1 and "padim" in again["artifact"]["latest"]  # Prefect artifact
+    (parent,) = [r for r in again["mlflow"] if r["tags"].get("adaptad.grid") == "parent"]
+    children = _children(again)
+    assert {c["tags"]["mlflow.parentRunId"] for c in children} == {parent["id"]}
+    assert {c["tags"]["run_key"] for c in children} == set(again["folders"])
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    assert {"leaderboard.md", "leaderboard.parquet", "heatmaps"} <= {
+        a.path for a in client.list_artifacts(parent["id"])
+    }
+    child = client.get_run(children[0]["id"])
+    assert "image_auroc" in child.data.metrics and "peak_rss_mb" in child.data.metrics
+
+
+def test_fashion_mnist_one_class_protocol_through_the_grid(setup, steps) -> None:
+    if not Path(FASHION_MNIST_ROOT).is_dir():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    home, _, _ = setup
+    lines, _, _ = steps
+    line = lines["fmnist"]
+    assert line["error"] is None and line["result"]["jobs"] == 2, line["error"]
+    jobs = _jobs(home, "fmnist")
+    assert set(jobs) == {("trouser", "padim"), ("bag", "padim")}
+    for (category, _), row in jobs.items():
+        assert row["status"] == "done" and row["test_images"] == 100  # 10 per class, all 10 classes
+        assert row["image_auroc"] > 0.6, row  # the normal class vs the other nine
+        assert row["pixel_auroc"] is None  # no masks in the one-class protocol
+        metrics = json.loads((home / "jobs" / row["run_key"] / "evaluation" / "metrics.json").read_text())
+        assert metrics["category"] == category and metrics["metrics"]["train_images"] == 40
+
+
+def test_grid_params_errors_name_the_key(setup, tmp_path) -> None:
+    from flows.params import ParamsError, load_params
+
+    _, path, env = setup
+    from flows.grid import expand
+
+    # cross-references are checked where the grid runs (a pipeline params file may change datasets)
+    for key, overrides in {
+        "grid.datasets": {"grid.datasets": ["missing"]},
+        "grid.categories.two": {"grid.categories": {"two": ["screw"]}},
+    }.items():
+        with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+            expand(load_params(path, overrides), path, check=False)
+    cases = {
+        "grid.methods": {"grid.methods": ["padim", "nope"]},
+        "grid.image_sizes.0": {"grid.image_sizes": [8]},
+        "grid.concurrency": {"grid.concurrency": 0},
+        "datasets.fm": {"datasets.fm": {"layout": "fashion_mnist", "masks": True}},
+    }
+    for key, overrides in cases.items():
+        with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+            load_params(path, overrides)
+    bad = subprocess.run(
+        ["adaptad", "grid", "--params", str(path), "--dry-run", "-S", "grid.methods=[padim,nope]"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "grid.methods" in bad.stderr, bad.stderr
+    no_grid = yaml.safe_load(path.read_text())
+    del no_grid["grid"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(no_grid))
+    with pytest.raises(ParamsError, match="grid: no grid section"):
+        expand(load_params(tmp_path / "params.yaml"), tmp_path / "params.yaml", check=False)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -208,17 +209,28 @@ def _read_json(path: Path, default: Any) -> Any:
     return json.loads(path.read_text()) if path.is_file() else default
 
 
-def _example_image(run_dir: Path) -> str | None:
-    """A real test image of the run (a normal one first) for the model's input example."""
+def _example_image(run_dir: Path, scratch: Path) -> str | None:
+    """A real test image of the run (a normal one first) for the model's input example.
+
+    Array-backed samples (one-class sets, ``<file>#<index>``) are decoded and written as a PNG into
+    ``scratch``, since the model's input is an image file.
+    """
     scores = run_dir / "scores.parquet"
     if not scores.is_file():
         return None
     import pyarrow.parquet as pq
 
+    from components.data import load_image, split_item_path
+
     table = pq.read_table(scores, columns=["path", "label"]).to_pylist()
     for row in sorted(table, key=lambda r: r["label"]):
-        if "#" not in row["path"] and Path(row["path"]).is_file():
-            return row["path"]
+        path = row["path"]
+        if split_item_path(path) is not None:
+            out = scratch / "example.png"
+            load_image(path).save(out)
+            return str(out)
+        if Path(path).is_file():
+            return path
     return None
 
 
@@ -424,12 +436,13 @@ def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
         version = None
         if collapsed:  # no model: the collapsed run's weights are discarded
             return {"run_id": run_id, "model_name": model_name, "version": None, "skipped": False}
-        example = _example_image(run_dir)
-        if example is None:
-            raise FileNotFoundError(f"{run_dir}: no readable test image for the model's input example")
         from flows.pyfunc import log_pyfunc
 
-        info = log_pyfunc(run_dir / "method", example)
+        with tempfile.TemporaryDirectory(prefix="adaptad-example-") as scratch:
+            example = _example_image(run_dir, Path(scratch))
+            if example is None:
+                raise FileNotFoundError(f"{run_dir}: no readable test image for the model's input example")
+            info = log_pyfunc(run_dir / "method", example)
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
         if register:
             link = run_link(experiment, run_id)

@@ -265,3 +265,23 @@ def test_unreachable_or_unusable_tracking_uri(tmp_path, params, monkeypatch) -> 
 def test_names_are_sanitised() -> None:
     assert registered_model_name("MVTec AD", "screw/bag") == "adaptad-MVTec-AD-screw-bag"
     assert experiment_name("demo") == "adaptad-demo"
+
+
+def test_model_example_from_an_array_backed_one_class_image(tmp_path) -> None:
+    """One-class sets are arrays (``<file>#<index>``): the model's input example is decoded to a PNG."""
+    import pyarrow as pa
+    from PIL import Image
+
+    from components.data import FASHION_MNIST_ROOT, oneclass_samples
+    from flows.tracking import _example_image
+
+    if not Path(FASHION_MNIST_ROOT).is_dir():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    test = [s for s in oneclass_samples("fashion_mnist", FASHION_MNIST_ROOT, 8) if s.split == "test"][:50]
+    rows = {"path": [s.path for s in test], "label": [s.label for s in test]}
+    pq.write_table(pa.table(rows), tmp_path / "scores.parquet")
+    (tmp_path / "scratch").mkdir()
+    example = _example_image(tmp_path, tmp_path / "scratch")
+    assert example is not None and Path(example).parent == tmp_path / "scratch"
+    assert Image.open(example).size == (28, 28)
+    assert "#" in test[0].path

@@ -11,6 +11,7 @@ from components.data.oneclass import (
     class_names,
     oneclass_category,
     oneclass_samples,
+    split_item_path,
 )
 from components.data.samples import IMAGE_EXTENSIONS, DataError, Sample, split_validation
 from components.data.synthetic import SYNTHETIC_KINDS, cutpaste, noise_patch, synthetic_anomalies
@@ -42,6 +43,7 @@ __all__ = [
     "scan_image_folder",
     "scan_mvtec",
     "scan_visa",
+    "split_item_path",
     "split_validation",
     "synthetic_anomalies",
     "vicinal",

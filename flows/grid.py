@@ -57,13 +57,14 @@ from prefect.utilities.annotations import quote
 
 from components.data import Sample
 from components.methods import METHODS
-from flows.evaluate import evaluate_in_ray_task, read_run
+from flows.evaluate import read_run
 from flows.params import Params, ParamsError, check_method, code_version, load_params, run_key
 from flows.pipeline import (
     _reason,
     category_key,
     dataset_scope,
     dataset_version,
+    evaluate_remotely,
     load_category_samples,
     train_task,
     trains,
@@ -436,7 +437,6 @@ def finish_parent(run_id: str, status: str, files: list[Path], markdown: str, co
 # --- one job ---------------------------------------------------------------------------------------------
 _TRAIN_LOCKS: dict[str, threading.Lock] = {}
 _TRAIN_LOCKS_GUARD = threading.Lock()
-_REMOTE: dict[str, Any] = {}
 
 
 def _train(job: GridJob, variant: Params, samples: list[Sample], dataset_train: list[Sample]) -> dict:
@@ -467,24 +467,11 @@ def _evaluate(
     job: GridJob, variant: Params, data_version: str, samples: list[Sample], training: dict, cpus: int | None
 ) -> dict:
     """Banks + evaluation as a Ray task in a fresh worker: ``cpus`` CPUs, one GPU when the cluster has any."""
-    import ray
-
     run_dir = Path(variant.pipeline.runs_dir).resolve() / job.run_key / "evaluation"
     for stale in run_dir.parent.glob(".evaluation.*"):  # left by a killed attempt; the folder is atomic
         shutil.rmtree(stale, ignore_errors=True)
     category_job = make_category_job(variant, job.category, job.run_key, data_version, samples, training)
-    resources = ray.cluster_resources()
-    use_gpu = variant.evaluate.use_gpu in (True, "true") or (
-        variant.evaluate.use_gpu == "auto" and resources.get("GPU", 0) > 0
-    )
-    wanted = cpus or variant.train.num_workers * variant.train.cpus_per_worker
-    wanted = max(1, min(wanted, int(resources.get("CPU", 1))))
-    if "remote" not in _REMOTE:
-        _REMOTE["remote"] = ray.remote(max_retries=0, max_calls=1)(evaluate_in_ray_task)
-    remote = _REMOTE["remote"].options(
-        num_cpus=wanted, num_gpus=1 if use_gpu else 0, name=f"evaluate:{job.label}"
-    )
-    return ray.get(remote.remote(category_job, str(run_dir), wanted))
+    return evaluate_remotely(category_job, run_dir, variant, cpus, max_calls=1, name=f"evaluate:{job.label}")
 
 
 def _start_ray(attempts: int = 2) -> None:

@@ -124,8 +124,6 @@ def evaluate_task(
     training: dict[str, Any],
 ) -> dict[str, Any]:
     """Build banks with the (adapted) backbone and evaluate the test split (a Ray task on a cluster)."""
-    import ray
-
     run_dir = Path(params.pipeline.runs_dir).resolve() / key / "evaluation"
     done = read_run(run_dir)
     if done is not None:
@@ -138,15 +136,26 @@ def evaluate_task(
         )
     else:  # a cluster: a Ray task, on a GPU node when the cluster has GPUs
         ensure_ray()
-        use_gpu = params.evaluate.use_gpu in (True, "true") or (
-            params.evaluate.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
-        )
-        cpus = params.train.num_workers * params.train.cpus_per_worker
-        cpus = max(1, min(cpus, int(ray.cluster_resources().get("CPU", 1))))
-        remote = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_retries=0)(evaluate_in_ray_task)
-        result = ray.get(remote.remote(job, str(run_dir), cpus))
+        result = evaluate_remotely(job, run_dir, params)
     get_run_logger().info("%s: banks + evaluation in %.1f s", category, time.perf_counter() - t0)
     return result
+
+
+def evaluate_remotely(
+    job: CategoryJob, run_dir: Path, params: Params, cpus: int | None = None, **options: Any
+) -> dict[str, Any]:
+    """Evaluate ``job`` as a Ray task: ``cpus`` CPUs (default: the training's), clamped to the cluster, and
+    one GPU when ``evaluate.use_gpu`` allows and the cluster has GPUs; ``options`` (e.g. ``max_calls``,
+    ``name``) go to ``ray.remote``."""
+    import ray
+
+    from flows.train import _use_gpu
+
+    wanted = cpus or params.train.num_workers * params.train.cpus_per_worker
+    wanted = max(1, min(wanted, int(ray.cluster_resources().get("CPU", 1))))
+    gpus = 1 if _use_gpu(params.evaluate.use_gpu) else 0
+    remote = ray.remote(num_cpus=wanted, num_gpus=gpus, max_retries=0, **options)(evaluate_in_ray_task)
+    return ray.get(remote.remote(job, str(run_dir), wanted))
 
 
 @task(name="log-and-register", cache_key_fn=_key("mlflow"), persist_result=True)

@@ -1,4 +1,4 @@
-"""Feature banks (faiss exact/IVF, save/load, atomic) and the greedy coreset."""
+"""Feature banks (faiss exact/HNSW/IVF, save/load, atomic) and the greedy coreset."""
 
 from __future__ import annotations
 
@@ -27,14 +27,29 @@ def test_exact_bank_matches_brute_force() -> None:
     assert np.allclose(d2, rd.numpy(), rtol=1e-4, atol=1e-3)
 
 
-def test_auto_picks_ivf_for_large_banks_with_calibrated_recall() -> None:
+def test_auto_picks_hnsw_for_large_banks_with_calibrated_recall_and_exact_distances() -> None:
     data = clustered(21000, 32)
     x, q = data[:20000], data[20000:]  # queries from the bank's own distribution
-    bank = FeatureBank.build(x, config=BankConfig(exact_max_rows=5000))
-    assert bank.meta["kind"] == "ivf" and bank.meta["nprobe"] >= 1
-    _, ids = bank.search(q, 1)
-    _, truth = FeatureBank.build(x, config=BankConfig(kind="flat")).search(q, 1)
-    assert np.mean(ids[:, 0] == truth[:, 0]) >= 0.97
+    rows = pa.table({"image": np.arange(20000) // 100})  # 200 "images": calibration holds out images
+    bank = FeatureBank.build(x, rows, BankConfig(exact_max_rows=5000, use_gpu=False))
+    assert bank.meta["kind"] == "hnsw" and bank.meta["ef_search"] >= 16
+    d2, ids = bank.search(q, 3)
+    t2, truth = FeatureBank.build(x, config=BankConfig(kind="flat")).search(q, 3)
+    assert np.mean(ids[:, 0] == truth[:, 0]) >= 0.99
+    hit = ids[:, 0] == truth[:, 0]  # candidates are re-ranked with exact float32 distances
+    assert np.allclose(d2[hit, 0], t2[hit, 0], rtol=1e-4, atol=1e-4)
+    ivf = FeatureBank.build(x, rows, BankConfig(kind="ivf"))  # on request, calibrated the same way
+    assert ivf.meta["kind"] == "ivf" and np.mean(ivf.search(q, 1)[1][:, 0] == truth[:, 0]) >= 0.97
+
+
+def test_calibration_holds_out_whole_images() -> None:
+    from components.banks import _held_out
+
+    groups = np.repeat(np.arange(50), 40)  # 50 images x 40 rows
+    held = _held_out(len(groups), groups, np.random.default_rng(0))
+    assert 0 < len(held) <= 200 and len(held) % 40 == 0
+    assert set(np.unique(groups[held])).isdisjoint(np.delete(groups, held))  # every held image whole
+    assert len(_held_out(2000, None, np.random.default_rng(0))) == 200  # no images: single rows
 
 
 def test_save_load_roundtrip_and_atomic_replace(tmp_path) -> None:
@@ -46,9 +61,13 @@ def test_save_load_roundtrip_and_atomic_replace(tmp_path) -> None:
     loaded = FeatureBank.load(target)
     assert loaded.rows.equals(rows) and loaded.meta == bank.meta and loaded.index.nprobe == 4
     assert np.array_equal(loaded.search(x[:50], 2)[1], bank.search(x[:50], 2)[1])
+    hnsw = FeatureBank.build(x, rows, BankConfig(kind="hnsw", ef_search=40))
+    again = FeatureBank.load(hnsw.save(tmp_path / "other" / "hnsw"))
+    assert again.meta == hnsw.meta and again.meta["ef_search"] == 40
+    assert np.array_equal(again.search(x[:50], 2)[1], hnsw.search(x[:50], 2)[1])
     FeatureBank.build(x[:100]).save(target)  # replacing leaves exactly one complete bank, no temp dirs
     assert FeatureBank.load(target).ntotal == 100
-    assert [p.name for p in tmp_path.iterdir()] == ["bank"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank", "other"]
 
 
 def test_bank_rejects_bad_input(tmp_path) -> None:
@@ -77,6 +96,15 @@ def test_greedy_coreset_is_the_greedy_k_center_selection() -> None:
     assert np.mean(sel == np.array(ref)) > 0.95
     radius = lambda s: np.sqrt(np.min(((z[:, None] - z[s][None]) ** 2).sum(-1), 1).max())  # noqa: E731
     assert radius(sel) == pytest.approx(radius(np.array(ref)), rel=1e-4)
+
+
+def test_lazy_coreset_is_exact_whatever_the_candidate_pool() -> None:
+    """Few candidates force a full pass every few points; the chosen sequence must not change."""
+    x = clustered(4000, 64)
+    wide = greedy_coreset(x, 400, candidates=4096)
+    for candidates, block in ((4, 1000), (64, 333)):
+        narrow = greedy_coreset(x, 400, candidates=candidates, block=block)
+        assert np.mean(narrow == wide) > 0.99  # float32 near-ties may swap a pair
 
 
 def test_coreset_bounds() -> None:

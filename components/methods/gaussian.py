@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.covariance import LedoitWolf
 
 from components.methods.base import (
     AnomalyMethod,
@@ -38,6 +37,8 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) ->
 
 def ledoit_wolf(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and Ledoit-Wolf shrunk precision of rows ``x`` (n, d)."""
+    from sklearn.covariance import LedoitWolf  # here: importing sklearn costs ~2 s in every process
+
     lw = LedoitWolf().fit(x.astype(np.float64))
     return torch.from_numpy(lw.location_).float(), torch.from_numpy(lw.precision_).float()
 

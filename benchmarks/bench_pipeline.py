@@ -63,7 +63,8 @@ def main() -> None:
         evaluation = json.loads((run / "evaluation" / "metrics.json").read_text())["metrics"]
         trained = run / "trained" / "summary.json"
         summary = json.loads(trained.read_text()) if trained.is_file() else {}
-        epochs = sum(row["epoch_seconds"] for row in summary.get("history", []))
+        history = summary.get("history", [])
+        epochs = sum(row["epoch_seconds"] + row.get("monitor_seconds", 0.0) for row in history)
         begin = summary.get("begin_seconds", 0.0)
         compute = epochs + begin + evaluation["evaluate_seconds"]
         print(f"dvc repro of the demo, clean state: {total:.1f} s")
@@ -71,7 +72,7 @@ def main() -> None:
             print(f"  stage {stage:<14} {wall:6.1f} s")
         print("inside the pipeline stage:")
         ran = f"{summary.get('epochs', 0)} x {summary.get('workers', 0)} DDP workers"
-        print(f"  training epochs ({ran})                 {epochs:6.1f} s")
+        print(f"  training epochs + collapse monitor ({ran})  {epochs:6.1f} s")
         print(f"  method set-up (centre, Fisher, pretrained validation)  {begin:6.1f} s")
         print(
             f"  Ray Train job wall (trainer.fit)                        {summary.get('seconds', 0.0):6.1f} s"

@@ -22,8 +22,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
-from sklearn.metrics import roc_auc_score
 
 #: the quality metrics every evaluation reports, in report order
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
@@ -271,6 +269,8 @@ def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
             f"AUROC needs both classes, got {n_pos} anomalous and {y.size - n_pos} normal samples "
             "(only one class present)"
         )
+    from sklearn.metrics import roc_auc_score  # sklearn costs ~2 s to import: only where it is used
+
     return float(roc_auc_score(y, s))
 
 
@@ -280,6 +280,8 @@ def validation_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
     if len(np.unique(labels)) < 2 or not np.isfinite(scores).all():
         return float("nan")
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(labels, scores))
 
 
@@ -305,6 +307,8 @@ def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
 
     Returns the weights (float64) and the total number of regions over all images.
     """
+    from scipy import ndimage
+
     flat_any = masks.reshape(masks.shape[0], -1).any(axis=1)
     parts: list[np.ndarray] = []
     num_regions = 0

@@ -29,20 +29,9 @@ import numpy as np
 import torch
 
 from components.metrics import validation_auroc
+from components.specs import CollapseThresholds
 
 Features = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class CollapseThresholds:
-    """Limits beyond which a run counts as collapsed; ``None`` switches a check off."""
-
-    min_rank_ratio: float | None = 0.3
-    min_knn_overlap: float | None = 0.15
-    max_separation_drop: float | None = 0.25
-    max_drift: float | None = 5.0
-    knn: int = 5
-    reference_images: int = 32
 
 
 def effective_rank(x: torch.Tensor) -> float:

@@ -166,10 +166,14 @@ def _embedded_defaults() -> None:
 
 def pipeline_command(args: argparse.Namespace) -> int:
     """``prepare`` / ``pipeline`` / ``promote`` / ``grid``; bad input → UsageError, a failed job → exit 1."""
+    _embedded_defaults()
+    if args.command in ("pipeline", "promote") or (args.command == "grid" and not args.dry_run):
+        from flows.services import PrefectAPIStarter
+
+        prefect_api = PrefectAPIStarter()  # comes up while the imports and checks below run
     from components.data import DataError
     from flows.params import ParamsError, load_params
 
-    _embedded_defaults()
     try:
         if args.command == "prepare":
             from flows.stages import prepare
@@ -180,7 +184,8 @@ def pipeline_command(args: argparse.Namespace) -> int:
         from flows.params import check_method
 
         params = load_params(args.params, overrides)
-        check_method(params, args.params)  # fail before any service starts
+        if args.command != "promote":  # promote builds no model: it compares registered versions
+            check_method(params, args.params)  # fail before any service starts
         if args.command == "grid":
             from flows.grid import dry_run, expand, run_grid
             from flows.tracking import check_tracking, resolve_tracking_uri
@@ -190,19 +195,23 @@ def pipeline_command(args: argparse.Namespace) -> int:
                 print(dry_run(plan))
                 return 0
             check_tracking(resolve_tracking_uri(params))
+            prefect_api.wait()
             result = run_grid(args.params, overrides, check=False)  # checked above
         elif args.command == "pipeline":
-            from flows.pipeline import load_category_samples
+            from flows.pipeline import load_category_samples, start_ray_if_needed
             from flows.tracking import check_tracking, resolve_tracking_uri
 
-            load_category_samples(params)
+            categories = load_category_samples(params)
             check_tracking(resolve_tracking_uri(params))
+            start_ray_if_needed(params, categories)  # on this (the flow's) thread, beside Prefect's start
             from flows.stages import run_pipeline
 
-            result = run_pipeline(args.params, overrides)
+            prefect_api.wait()
+            result = run_pipeline(args.params, overrides, check=False)  # checked above
         else:
             from flows.promote import run_promote
 
+            prefect_api.wait()
             result = run_promote(str(args.params), overrides)
         print(json.dumps(result, indent=2, default=str))
         return 0

@@ -35,6 +35,7 @@ JOB_COLUMNS = (
     "image_size",
     "seed",
     "run_key",
+    "shared_key",  # the dataset-wide training job a dataset-scope method's categories share (else None)
     "status",
     "reason",
     "attempts",

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from components.methods import METHODS, MethodSpec
-from components.monitor import CollapseThresholds
+from components.methods import METHOD_NAMES, MethodSpec, method_knobs
+from components.specs import CollapseThresholds
 
 DEFAULT_PARAMS = Path("params.yaml")
 CODE_ROOT = Path(__file__).resolve().parents[1]
@@ -195,8 +195,8 @@ class Grid(Strict):
     @classmethod
     def _known_methods(cls, v: list[str]) -> list[str]:
         for name in v:
-            if name not in METHODS:
-                raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+            if name not in METHOD_NAMES:
+                raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
         return _unique("methods", v)
 
     @field_validator("datasets", "backbones", "image_sizes", "seeds")
@@ -225,16 +225,16 @@ class Params(Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; choose from {', '.join(METHODS)}")
+        if v not in METHOD_NAMES:
+            raise ValueError(f"unknown method {v!r}; choose from {', '.join(METHOD_NAMES)}")
         return v
 
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        unknown = sorted(set(v) - set(METHODS))
+        unknown = sorted(set(v) - set(METHOD_NAMES))
         if unknown:
-            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}")
         return v
 
     @model_validator(mode="after")
@@ -353,22 +353,6 @@ def check_method(params: Params, path: str | os.PathLike = DEFAULT_PARAMS) -> No
         raise ParamsError(f"{path}: {err}") from None
     except (TypeError, ValueError) as err:
         raise ParamsError(f"{path}: methods.{params.method}: {err}") from None
-
-
-def method_knobs(name: str) -> set[str]:
-    """Keyword parameters a method's constructor chain accepts (beyond extractor and image size)."""
-    import inspect
-
-    knobs: set[str] = set()
-    for klass in METHODS[name].__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is not None:
-            for p in inspect.signature(init).parameters.values():
-                if p.kind is p.KEYWORD_ONLY or (
-                    p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty
-                ):
-                    knobs.add(p.name)
-    return knobs - {"progress"}
 
 
 def code_version() -> str:

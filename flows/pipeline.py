@@ -27,7 +27,7 @@ from components.banks import replace_dir, write_text_atomic
 from components.data import DataError, Sample, manifest_version, read_manifest
 from components.methods import method_class
 from flows.evaluate import METRIC_KEYS, CategoryJob, evaluate_category, evaluate_in_ray_task, read_run
-from flows.params import Params, check_method, load_params, run_key
+from flows.params import Params, check_method, code_version, load_params, run_key
 from flows.train import TrainJob, absolute, ensure_ray, train
 
 
@@ -283,32 +283,57 @@ def write_dvc_outputs(params: Params, results: dict[str, dict]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def shared_training_key(
+    params: Params, categories: dict[str, tuple[list[Sample], str]], code: str
+) -> str | None:
+    """The run key of the dataset-wide training job of a dataset-scope method (else None)."""
+    if not dataset_scope(params):
+        return None
+    return run_key(params, "dataset:" + params.dataset, dataset_version(categories), code)
+
+
+def start_ray_if_needed(
+    params: Params, categories: dict[str, tuple[list[Sample], str]], code: str | None = None
+) -> None:
+    """Start (or attach to) Ray when a category still has to train, or when ``RAY_ADDRESS`` names a cluster.
+
+    Call it on the flow's thread: Ray's local processes live as long as the thread that started them.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        ensure_ray()
+        return
+    if not trains(params):
+        return
+    code = code or code_version()
+    shared = shared_training_key(params, categories, code)
+    keys = [shared] if shared else [run_key(params, c, v, code) for c, (_, v) in categories.items()]
+    runs = Path(params.pipeline.runs_dir)
+    if any(not (runs / k / "trained" / "summary.json").is_file() for k in keys):
+        ensure_ray()
+
+
 @flow(name="pipeline", log_prints=True)
-def pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the chosen method on every category of the chosen dataset (see module docstring)."""
-    from flows.tracking import check_tracking, resolve_tracking_uri
+def pipeline(
+    params_path: str = "params.yaml", overrides: dict[str, Any] | None = None, check: bool = True
+) -> dict[str, Any]:
+    """Run the chosen method on every category of the chosen dataset (see module docstring).
+
+    ``check=False``: the caller (the CLI) has already built the method once and checked the MLflow URI.
+    """
+    from flows.tracking import check_tracking, resolve_tracking_uri, warm_up
 
     logger = get_run_logger()
     params = load_params(params_path, overrides)
-    check_method(params, params_path)
     uri = resolve_tracking_uri(params)
-    check_tracking(uri)
+    if check:
+        check_method(params, params_path)
+        check_tracking(uri)
+    warm_up(uri)  # the store opens while the categories train
     os.environ["MLFLOW_TRACKING_URI"] = uri
     categories = load_category_samples(params)
-    from flows.params import code_version
-
     code = code_version()
-    shared_key = (
-        run_key(params, "dataset:" + params.dataset, dataset_version(categories), code)
-        if dataset_scope(params)
-        else None
-    )
-    keys = [shared_key] if shared_key else [run_key(params, c, v, code) for c, (_, v) in categories.items()]
-    untrained = [
-        k for k in keys if not (Path(params.pipeline.runs_dir) / k / "trained" / "summary.json").is_file()
-    ]
-    if (trains(params) and untrained) or os.environ.get("RAY_ADDRESS"):
-        ensure_ray()  # here, on the flow's thread: Ray's local processes live as long as it does
+    shared_key = shared_training_key(params, categories, code)
+    start_ray_if_needed(params, categories, code)
     task_opts = {
         "retries": params.pipeline.retries,
         "retry_delay_seconds": params.pipeline.retry_delay_seconds,

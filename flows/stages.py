@@ -60,10 +60,12 @@ def prepare(params_path: str | Path = "params.yaml", dataset: str | None = None)
     return path
 
 
-def run_pipeline(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
+def run_pipeline(
+    params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None, check: bool = True
+) -> dict:
     """Run the Prefect pipeline flow in this process (ephemeral Prefect API unless PREFECT_API_URL is set)."""
     # Prefect keeps the persisted task results behind the run-key cache in the repo (unless set elsewhere)
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path("runs/prefect-results").resolve()))
     from flows.pipeline import pipeline
 
-    return pipeline(str(params_path), overrides)
+    return pipeline(str(params_path), overrides, check)

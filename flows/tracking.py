@@ -16,6 +16,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -117,6 +118,26 @@ def check_tracking(uri: str, must_exist: bool = False) -> None:
         ) from None
     if not os.access(db.parent, os.W_OK):
         raise TrackingError(f"mlflow tracking URI {uri}: folder {db.parent} is not writable")
+
+
+_WARM_UPS: dict[str, threading.Thread] = {}
+
+
+def warm_up(uri: str) -> None:
+    """In a background thread: import the pyfunc machinery and open the store (a fresh sqlite store creates
+    its tables). Seconds that would otherwise fall on the first :func:`log_run`, after the training, are
+    spent while the training runs. :func:`log_run` waits for it; errors are left for log_run to report."""
+    if uri in _WARM_UPS:
+        return
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            import mlflow.pyfunc  # noqa: F401
+
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+    _WARM_UPS[uri] = thread = threading.Thread(target=run, name="mlflow-warm-up", daemon=True)
+    thread.start()
 
 
 def use_tracking(uri: str) -> None:
@@ -372,7 +393,10 @@ def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
     key, dataset, category = record["run_key"], record["dataset"], record["category"]
     method = record.get("method", params.method)
 
-    use_tracking(resolve_tracking_uri(params))
+    uri = resolve_tracking_uri(params)
+    if uri in _WARM_UPS:
+        _WARM_UPS[uri].join()  # never two table creations at once
+    use_tracking(uri)
     client = MlflowClient()
     experiment = experiment_id(dataset, params.mlflow.artifact_root)
     model_name = registered_model_name(dataset, category)

@@ -190,8 +190,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         collapsed = False
         if monitor is not None:
+            t_watch = time.perf_counter()
             watch = monitor.measure(method.monitor_features, val_loader)
             row |= {f"monitor/{k}": v for k, v in watch.metrics.items()}
+            row["monitor_seconds"] = time.perf_counter() - t_watch
             progress["monitor"].append({"epoch": epoch, **watch.metrics})
             collapsed = _any_rank(watch.collapsed)
             if collapsed:

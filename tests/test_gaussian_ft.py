@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from components.data import DataError, scan_mvtec, split_validation, synthetic_anomalies, vicinal
-from components.data.vicinal import VICINAL_KINDS
+from components.data import DataError, scan_mvtec, split_validation, synthetic_anomalies
+from components.data.vicinal import VICINAL_KINDS, vicinal
 from components.evaluation import loader
 from components.methods import MethodSpec, build_method, load_method
 from components.methods.panda import stage_boundary

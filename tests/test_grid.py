@@ -9,7 +9,8 @@ All grid runs share one process (tests/grid_runner.py), so the services start on
 2. ``rerun``: the image is back — only the two missing jobs run;
 3. ``again``: nothing changed — nothing is recomputed, no MLflow run is added;
 4. ``plan``: the dry-run table now says every job is done;
-5. ``fmnist``: two Fashion-MNIST classes as the normal one, padim, every test class scored.
+5. ``fmnist``: two Fashion-MNIST classes as the normal one, padim, every test class scored;
+6. ``topology``: a dataset-scope method (TPTL) — one Ray Train job for both categories, banks per category.
 """
 
 from __future__ import annotations
@@ -90,13 +91,19 @@ def steps(setup, dry):
         fmnist = {"grid.datasets": ["fmnist"], "grid.methods": ["padim"], "grid.output": str(home / "fm")}
         fmnist |= {"grid.metrics_file": str(home / "fm.json"), "grid.plots_dir": str(home / "fm-plots")}
         plan.append({"name": "fmnist", "overrides": fmnist})
-    lines, out = run_in_one_process("grid_runner", path, plan, env, "GRID-RESULT", timeout=900)
+    # a dataset-scope method (TPTL): ONE Ray Train job for both categories, then banks per category
+    topology = {"grid.methods": ["topology"], "grid.output": str(home / "topo")}
+    topology |= {"grid.metrics_file": str(home / "topo.json"), "grid.plots_dir": str(home / "topo-plots")}
+    topology |= {f"methods.topology.{k}": v for k, v in {"epochs": 1, "lr": 1e-3, "anchor_batch": 4}.items()}
+    plan.append({"name": "topology", "overrides": topology})
+    lines, out = run_in_one_process("grid_runner", path, plan, env, "GRID-RESULT", timeout=1200)
     (home / "runner.log").write_text(out.stdout + out.stderr)
     return {line["name"]: line for line in lines}, victim, out
 
 
 def _jobs(home: Path, step: str) -> dict[tuple[str, str], dict]:
-    folder = home / ("fm.fmnist" if step == "fmnist" else f"grid.{step}")  # the output after the step
+    outputs = {"fmnist": "fm.fmnist", "topology": "topo.topology"}
+    folder = home / outputs.get(step, f"grid.{step}")  # the output after the step
     rows = pq.read_table(folder / "jobs.parquet").to_pylist()
     return {(r["category"], r["method"]): r for r in rows}
 
@@ -227,6 +234,24 @@ def test_fashion_mnist_one_class_protocol_through_the_grid(setup, steps) -> None
         assert row["pixel_auroc"] is None  # no masks in the one-class protocol
         metrics = json.loads((home / "jobs" / row["run_key"] / "evaluation" / "metrics.json").read_text())
         assert metrics["category"] == category and metrics["metrics"]["train_images"] == 40
+
+
+def test_a_dataset_scope_method_trains_once_for_all_its_categories(setup, steps) -> None:
+    home, _, _ = setup
+    lines, _, _ = steps
+    line = lines["topology"]
+    assert line["error"] is None and line["result"]["jobs"] == 2, line["error"]
+    jobs = _jobs(home, "topology")
+    assert set(jobs) == {("kolektorsdd", "topology"), ("magnetic_tile", "topology")}
+    (shared,) = {row["shared_key"] for row in jobs.values()}  # one training job for the dataset
+    assert shared and all(row["status"] == "done" and row["run_key"] != shared for row in jobs.values())
+    summary = json.loads((home / "jobs" / shared / "trained" / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["workers"] == 2 and summary["ray_run"].endswith(shared)
+    assert [p.name for p in (home / "ray").iterdir() if p.name == shared] == [shared]  # one Ray Train run
+    for row in jobs.values():  # each category's banks were built with the shared adapted backbone
+        assert 0 <= row["image_auroc"] <= 1 and 0 <= row["pixel_auroc"] <= 1
+        train = json.loads((home / "jobs" / row["run_key"] / "evaluation" / "train.json").read_text())
+        assert train["run_key"] == shared
 
 
 def test_grid_params_errors_name_the_key(setup, tmp_path) -> None:

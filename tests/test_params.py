@@ -52,6 +52,39 @@ def test_method_knobs_follow_the_constructor_chain() -> None:
     assert "coreset_ratio" in method_knobs("patchcore") and "k" not in method_knobs("patchcore")
 
 
+def test_knobs_read_from_source_equal_the_constructors_signatures() -> None:
+    """The registry reads knobs with ast (no torch); they must be what the classes really accept."""
+    import inspect
+
+    from components.methods import METHOD_NAMES, METHODS
+
+    assert set(METHODS) == set(METHOD_NAMES)
+    for name, cls in METHODS.items():
+        assert cls.name == name
+        expected = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            for p in inspect.signature(init).parameters.values() if init else []:
+                keyword = p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty
+                if p.kind is p.KEYWORD_ONLY or keyword:
+                    expected.add(p.name)
+        assert method_knobs(name) == expected - {"progress"}, name
+
+
+def test_stages_that_build_no_model_never_import_torch() -> None:
+    """prepare and promote validate params.yaml without torch, timm or sklearn (seconds per stage)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flows.stages, flows.promote; from flows.params import load_params; "
+        f"load_params({str(PARAMS)!r}); "
+        "heavy = sorted(m for m in ('torch', 'timm', 'sklearn') if m in sys.modules); print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_run_key_changes_with_what_matters_only() -> None:
     p = load_params(PARAMS)
     base = run_key(p, "deeppcb", "data-v1", code="c1")

@@ -1,7 +1,11 @@
 """Data sets for anomaly detection: folder and CSV readers, strict image loading, synthetic anomalies,
-a uint8 torch dataset and verified parquet manifests."""
+a uint8 torch dataset and verified parquet manifests.
 
-from components.data.dataset import ImageDataset
+``ImageDataset`` (torch) is imported on first use (PEP 562) and the vicinal augmentations live in
+``components.data.vicinal``: the prepare stage reads and verifies data without torch.
+"""
+
+from components._lazy import lazy_names
 from components.data.images import load_image, load_mask
 from components.data.manifest import build_manifest, manifest_version, read_manifest, write_manifest
 from components.data.mvtec import list_categories, scan_image_folder, scan_mvtec
@@ -15,27 +19,29 @@ from components.data.oneclass import (
 )
 from components.data.samples import IMAGE_EXTENSIONS, DataError, Sample, split_validation
 from components.data.synthetic import SYNTHETIC_KINDS, cutpaste, noise_patch, synthetic_anomalies
-from components.data.vicinal import VICINAL_KINDS, cutmix, mixup, vicinal
 from components.data.visa import scan_visa
+
+_LAZY = {"ImageDataset": "dataset"}  # the vicinal augmentations (torch): components.data.vicinal
+
+
+__getattr__ = lazy_names(__name__, _LAZY)
+
 
 __all__ = [
     "FASHION_MNIST_ROOT",
     "IMAGE_EXTENSIONS",
     "ONECLASS_LAYOUTS",
     "SYNTHETIC_KINDS",
-    "VICINAL_KINDS",
     "DataError",
     "ImageDataset",
     "Sample",
     "build_manifest",
     "class_names",
-    "cutmix",
     "cutpaste",
     "list_categories",
     "load_image",
     "load_mask",
     "manifest_version",
-    "mixup",
     "noise_patch",
     "oneclass_category",
     "oneclass_samples",
@@ -46,6 +52,5 @@ __all__ = [
     "split_item_path",
     "split_validation",
     "synthetic_anomalies",
-    "vicinal",
     "write_manifest",
 ]

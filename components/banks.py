@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,16 +185,16 @@ class FeatureBank:
         return cls(index=index, rows=rows, meta=meta, config=config or BankConfig())
 
 
-def _set_nprobe(index: faiss.IndexIVF) -> tuple[list[int], object]:
+def _set_nprobe(index: faiss.IndexIVF) -> tuple[list[int], Callable[[int], None]]:
     """IVF: the nprobe values to try (powers of two) and how to set one."""
     levels = [2**i for i in range(int(np.log2(max(index.nlist, 1))) + 1) if 2**i < index.nlist]
     levels.append(index.nlist)
     return levels, lambda v: setattr(index, "nprobe", v)
 
 
-def _set_ef(graph: faiss.IndexHNSWFlat) -> tuple[list[int], object]:
-    """HNSW: the efSearch values to try (16, 24, 32, 48, ... 4096) and how to set one."""
-    levels = sorted({f * 2**i for i in range(3, 12) for f in (2, 3)} - {8, 12, 6144})
+def _set_ef(graph: faiss.IndexHNSW) -> tuple[list[int], Callable[[int], None]]:
+    """HNSW: the efSearch values to try (16, 24, 32, 48, ... 3072, 4096) and how to set one."""
+    levels = sorted([2**i for i in range(4, 13)] + [3 * 2**i for i in range(3, 11)])
     return levels, lambda v: setattr(graph.hnsw, "efSearch", v)
 
 
@@ -217,7 +218,7 @@ def _add_calibrated(
     x: np.ndarray,
     target: float,
     rng: np.random.Generator,
-    knob: tuple[list[int], object],
+    knob: tuple[list[int], Callable[[int], None]],
     groups: np.ndarray | None = None,
 ) -> int:
     """Add ``x`` to ``index``; return twice the smallest search-effort level with recall@1 ≥ target.

@@ -13,10 +13,10 @@ import threading
 class PrefectAPIStarter:
     """Starts Prefect's temporary API server (the embedded default) in a background thread.
 
-    The server is a subprocess that takes 6–15 s to come up (database migrations on a fresh
-    PREFECT_HOME); started first, it comes up while this process imports torch, checks its inputs and
-    starts Ray. :meth:`wait` before the first flow call: Prefect's client then finds the same running
-    server (one per process). Nothing happens when PREFECT_API_URL names a server.
+    The server is a subprocess that takes ≈ 8 s to come up, 22 s on a fresh PREFECT_HOME (database
+    migrations; measured on 2 idle cores); started first, it comes up while this process imports torch,
+    checks its inputs and starts Ray. :meth:`wait` before the first flow call: Prefect's client then
+    finds the same running server (one per process). Nothing happens when PREFECT_API_URL names a server.
     """
 
     def __init__(self) -> None:

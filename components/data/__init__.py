@@ -24,7 +24,7 @@ from components.data.visa import scan_visa
 _LAZY = {"ImageDataset": "dataset"}  # the vicinal augmentations (torch): components.data.vicinal
 
 
-__getattr__ = lazy_names(__name__, _LAZY)
+__getattr__ = lazy_names(globals(), _LAZY)
 
 
 __all__ = [

@@ -24,7 +24,7 @@ _LAZY = {
 }
 
 
-__getattr__ = lazy_names(__name__, _LAZY)
+__getattr__ = lazy_names(globals(), _LAZY)
 
 
 __all__ = [

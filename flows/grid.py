@@ -58,7 +58,15 @@ from prefect.utilities.annotations import quote
 from components.data import Sample
 from components.methods import METHODS
 from flows.evaluate import read_run
-from flows.params import Params, ParamsError, check_method, code_version, load_params, run_key
+from flows.params import (
+    Params,
+    ParamsError,
+    check_method,
+    code_version,
+    git_commit,
+    load_params,
+    run_key,
+)
 from flows.pipeline import (
     _reason,
     category_key,
@@ -351,7 +359,12 @@ def parent_run(plan: Plan, tracking_uri: str) -> tuple[str, str, str]:
         run = client.create_run(
             experiment,
             run_name=f"grid {'+'.join(grid.datasets)} · {len(plan.jobs)} jobs",
-            tags={"grid_key": plan.grid_key, "adaptad.grid": "parent", "git_commit": plan.code},
+            tags={
+                "grid_key": plan.grid_key,
+                "adaptad.grid": "parent",
+                "git_commit": git_commit(),
+                "code_version": plan.code,
+            },
         )
         from mlflow.entities import Param
 

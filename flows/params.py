@@ -355,24 +355,40 @@ def check_method(params: Params, path: str | os.PathLike = DEFAULT_PARAMS) -> No
         raise ParamsError(f"{path}: methods.{params.method}: {err}") from None
 
 
-def code_version() -> str:
-    """git commit of the code (+ a hash of uncommitted changes to components/ and flows/), else a hash."""
+# The code that computes a run's results (training, banks, scores, metrics). Orchestration (flows/pipeline,
+# grid, cli, tracking, services) and docs/tests are left out, so a finished run stays valid — and is reused
+# by its run key — across commits that do not touch these paths.
+RESULT_CODE = ("components", "flows/train.py", "flows/evaluate.py")
+
+
+def _git(*args: str, root: Path = CODE_ROOT) -> bytes:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, check=True).stdout
+
+
+def code_version(root: Path = CODE_ROOT) -> str:
+    """Content hash of RESULT_CODE: git's tree/blob ids at HEAD (+ a hash of uncommitted changes), else
+    a hash of the files' bytes."""
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=CODE_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        diff = subprocess.run(
-            ["git", "diff", "HEAD", "--", "components", "flows"],
-            cwd=CODE_ROOT,
-            capture_output=True,
-            check=True,
-        ).stdout
-        return head + ("+" + hashlib.sha256(diff).hexdigest()[:12] if diff else "")
+        ids = _git("rev-parse", *[f"HEAD:{path}" for path in RESULT_CODE], root=root)
+        diff = _git("diff", "HEAD", "--", *RESULT_CODE, root=root)
+        version = "code-" + hashlib.sha256(ids).hexdigest()[:16]
+        return version + ("+" + hashlib.sha256(diff).hexdigest()[:12] if diff else "")
     except (OSError, subprocess.CalledProcessError):
         h = hashlib.sha256()
-        for file in sorted([*CODE_ROOT.glob("components/**/*.py"), *CODE_ROOT.glob("flows/**/*.py")]):
-            h.update(file.read_bytes())
+        for path in RESULT_CODE:
+            where = root / path
+            for file in sorted(where.glob("**/*.py")) if where.is_dir() else [where]:
+                h.update(file.relative_to(root).as_posix().encode() + file.read_bytes())
         return "src-" + h.hexdigest()[:16]
+
+
+def git_commit() -> str:
+    """The checked-out git commit (+ ``-dirty`` with uncommitted changes); ``unknown`` outside git."""
+    try:
+        head = _git("rev-parse", "HEAD").decode().strip()
+        return head + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no").strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def run_key(params: Params, category: str, data_version: str, code: str | None = None) -> str:

@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from components.metrics import METRIC_KEYS
-from flows.params import Params, code_version
+from flows.params import Params, code_version, git_commit
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -321,6 +321,7 @@ def version_tags(record: dict[str, Any], git_commit: str) -> dict[str, str]:
         "data_version": str(record.get("data_version")),
         "method": str(record.get("method")),
         "git_commit": git_commit,
+        "code_version": str(record.get("code_version") or code_version()),
     }
     for key in METRIC_TAGS:
         v = _finite(metrics.get(key))
@@ -402,7 +403,7 @@ def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
     model_name = registered_model_name(dataset, category)
     collapsed = training.get("collapsed")  # stopped by the collapse monitor: logged, never registered
     register = params.mlflow.register_versions and not collapsed
-    git_commit = code_version()
+    commit = git_commit()
     run_name = f"{category}-{method}"
 
     existing = _find_version(client, model_name, key)
@@ -423,7 +424,7 @@ def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
                 client,
                 model_name,
                 model_uri,
-                version_tags(record, finished.data.tags.get("git_commit", git_commit)),
+                version_tags(record, finished.data.tags.get("git_commit", commit)),
                 version_description(record, training, link, run_name),
             )
         return {"run_id": finished.info.run_id, "model_name": model_name, "version": version, "skipped": True}
@@ -434,7 +435,8 @@ def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
         "method": method,
         "category": category,
         "dataset": dataset,
-        "git_commit": git_commit,
+        "git_commit": commit,
+        "code_version": code_version(),
     }
     tags |= {str(k): str(v) for k, v in (training.get("tags") or {}).items()}
     if collapsed:
@@ -474,7 +476,7 @@ def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
                 client,
                 model_name,
                 info.model_uri,
-                version_tags(record, git_commit),
+                version_tags(record, commit),
                 version_description(record, training, link, run_name),
             )
     return {"run_id": run_id, "model_name": model_name, "version": version, "skipped": False}

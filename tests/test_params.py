@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from flows.params import ParamsError, load_params, method_knobs, run_key
+from flows.params import ParamsError, code_version, load_params, method_knobs, run_key
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -100,3 +101,41 @@ def test_run_key_changes_with_what_matters_only() -> None:
         PARAMS, {"train.storage": "/elsewhere", "train.max_failures": 5, "mlflow.tracking_uri": "x"}
     )
     assert run_key(same, "deeppcb", "data-v1", code="c1") == base
+
+
+def test_code_version_follows_the_result_code_only(tmp_path: Path) -> None:
+    """Commits that touch only orchestration or docs keep the code version (finished runs stay reusable);
+    a change to components/, flows/train.py or flows/evaluate.py — committed or not — changes it."""
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True)
+
+    files = {
+        "components/m.py": "a = 1\n",
+        "flows/train.py": "t\n",
+        "flows/evaluate.py": "e\n",
+        "README.md": "r\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    first = code_version(tmp_path)
+    assert first.startswith("code-")
+
+    (tmp_path / "README.md").write_text("changed\n")
+    (tmp_path / "flows/grid.py").write_text("orchestration\n")
+    git("add", ".")
+    git("commit", "-qm", "docs and orchestration")
+    assert code_version(tmp_path) == first
+
+    (tmp_path / "components/m.py").write_text("a = 2\n")
+    dirty = code_version(tmp_path)
+    assert dirty.startswith(first + "+")
+    git("commit", "-qam", "algorithm")
+    assert code_version(tmp_path) not in (first, dirty)
+    (tmp_path / "flows/evaluate.py").write_text("e2\n")
+    git("commit", "-qam", "evaluation")
+    assert len({code_version(tmp_path), first, dirty}) == 3

@@ -5,7 +5,8 @@ real `adaptad grid` (Prefect + local Ray + MLflow).
 Usage: .venv/bin/python benchmarks/grid_evidence.py [--out runs/evidence] [--only industrial|fashion_mnist]
        [--methods ...] [--dry-run]
 
-Writes ``<out>/params_<name>.yaml`` (the repo's params.yaml + the evidence settings below), the manifests,
+Writes ``<out>/params_<name>.yaml`` once (the repo's params.yaml + the evidence settings below; reused
+afterwards, so the run keys stay put), the manifests,
 and one leaderboard per part under ``<out>/<name>/`` (leaderboard.md / .parquet, jobs.parquet); both parts
 share the run folders ``<out>/jobs`` and the MLflow store ``<out>/mlflow.db``. A job is reused by its run
 key, whose code version is the content of the result code (flows/params.py ``code_version``): stopping
@@ -74,7 +75,15 @@ def industrial_outliers(folder: Path) -> Path:
     return folder
 
 
-def write_params(out: Path, name: str, methods: list[str]) -> Path:
+def write_params(out: Path, name: str, methods: list[str], fresh: bool = False) -> Path:
+    """``<out>/params_<name>.yaml``, written once: later invocations reuse it (only ``grid.methods``
+    follows ``--methods``), so a changed params.yaml default never changes the evidence's run keys."""
+    path = out / f"params_{name}.yaml"
+    if path.is_file() and not fresh:
+        params = yaml.safe_load(path.read_text())
+        params["grid"]["methods"] = methods
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        return path
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["datasets"] |= {
         "industrial": {"root": str(INDUSTRIAL), "categories": CATEGORIES},
@@ -83,6 +92,7 @@ def write_params(out: Path, name: str, methods: list[str]) -> Path:
     params["dataset"] = name
     params["image_size"] = PARTS[name]
     params["manifests_dir"] = str(out / "manifests")
+    params["train"] |= {"num_workers": 2, "cpus_per_worker": 1}
     oe = industrial_outliers(out / "oe_industrial") if name == "fashion_mnist" else None
     oe = oe or fashion_outliers(out / "oe_fashion_mnist")
     params["methods"]["panda_oe"]["outliers"] = str(oe)
@@ -104,7 +114,6 @@ def write_params(out: Path, name: str, methods: list[str]) -> Path:
         "tracking_uri": f"sqlite:///{(out / 'mlflow.db').resolve()}",
         "artifact_root": str((out / "mlartifacts").resolve()),
     }
-    path = out / f"params_{name}.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
@@ -115,13 +124,14 @@ def main() -> int:
     ap.add_argument("--only", choices=list(PARTS), action="append")
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--fresh-params", action="store_true", help="rewrite the params files from params.yaml")
     args = ap.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     adaptad = str(Path(sys.executable).with_name("adaptad"))
     code = 0
     for name in args.only or list(PARTS):
-        path = write_params(out, name, args.methods)
+        path = write_params(out, name, args.methods, args.fresh_params)
         t0 = time.perf_counter()
         subprocess.run([adaptad, "prepare", "--params", str(path)], cwd=REPO, check=True)
         grid = [adaptad, "grid", "--params", str(path)] + (["--dry-run"] if args.dry_run else [])

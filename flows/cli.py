@@ -195,8 +195,8 @@ def pipeline_command(args: argparse.Namespace) -> int:
                 print(dry_run(plan))
                 return 0
             check_tracking(resolve_tracking_uri(params))
-            prefect_api.wait()
-            result = run_grid(args.params, overrides, check=False)  # checked above
+            with prefect_api.active():
+                result = run_grid(args.params, overrides, check=False)  # checked above
         elif args.command == "pipeline":
             from flows.pipeline import load_category_samples, start_ray_if_needed
             from flows.tracking import check_tracking, resolve_tracking_uri
@@ -206,13 +206,13 @@ def pipeline_command(args: argparse.Namespace) -> int:
             start_ray_if_needed(params, categories)  # on this (the flow's) thread, beside Prefect's start
             from flows.stages import run_pipeline
 
-            prefect_api.wait()
-            result = run_pipeline(args.params, overrides, check=False)  # checked above
+            with prefect_api.active():
+                result = run_pipeline(args.params, overrides, check=False)  # checked above
         else:
             from flows.promote import run_promote
 
-            prefect_api.wait()
-            result = run_promote(str(args.params), overrides)
+            with prefect_api.active():
+                result = run_promote(str(args.params), overrides)
         print(json.dumps(result, indent=2, default=str))
         return 0
     except (ParamsError, DataError) as err:

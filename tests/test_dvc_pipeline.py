@@ -44,6 +44,8 @@ def test_dvc_repro_runs_every_stage_with_real_services(repro) -> None:
     repo, env, first = repro
     for stage in ("prepare@demo", "pipeline", "promote"):
         assert f"Running stage '{stage}'" in first.stdout
+    # the CLI's own embedded Prefect API served the flows (flows/services.py), not Prefect's fallback
+    assert "Starting temporary server" not in first.stderr and "View at http://127.0.0.1:" in first.stderr
     assert (repo / "manifests" / "demo.parquet").is_file()
     metrics = json.loads((repo / "metrics" / "pipeline.json").read_text())
     m = metrics["categories"]["deeppcb"]

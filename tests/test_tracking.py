@@ -124,6 +124,7 @@ def test_log_run_records_params_metrics_curves_artifacts_and_version(logged, run
     assert tags["run_key"] == "key-good" and tags["data_version"] == "data-v1"
     assert tags["method"] == "patchcore" and tags["category"] == "kolektorsdd" and tags["dataset"] == "mini"
     assert tags["git_commit"] and tags["panda.fisher"] == "none"
+    assert tags["code_version"].startswith(("code-", "src-"))
     p = run.data.params
     assert p["method"] == "patchcore" and p["image_size"] == "96" and p["weights"] == "pypi"
     assert p["patchcore.coreset_ratio"] == "0.05" and p["seed"] == "0" and p["train.batch_size"] == "16"

@@ -99,12 +99,12 @@ def comparison_examples(samples: Sequence[Sample], n_anomalous: int = 4, n_norma
     """Test images every method of a category is shown on: chosen from the samples alone, never from scores.
 
     Anomalous images round-robin over the defect types, normal ones after them; within a kind the order is
-    the sha256 of the path, so every method (and every seed) of the category picks the same images.
+    the sha256 of :attr:`Sample.key`, so every method (and every seed) of the category picks the same images.
     """
     import hashlib
 
     def order(i: int) -> str:
-        return hashlib.sha256(samples[i].path.encode()).hexdigest()
+        return hashlib.sha256(samples[i].key.encode()).hexdigest()
 
     by_defect: dict[str, list[int]] = {}
     for i in sorted(range(len(samples)), key=order):

@@ -347,6 +347,25 @@ def test_split_validation() -> None:
             split_validation(samples, bad)
 
 
+def test_per_sample_choices_do_not_depend_on_where_the_data_lives(tmp_path: Path) -> None:
+    """The same images in two folders: the same validation slice and the same synthetic anomalies (the
+    choices are seeded by ``Sample.key``, not by the absolute path)."""
+    copies = [tmp_path / where / "train" / "good" for where in ("a/deep/folder", "b")]
+    pixels = [np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8) for i in range(12)]
+    sets = []
+    for folder in copies:
+        folder.mkdir(parents=True)
+        for i, image in enumerate(pixels):
+            Image.fromarray(image).save(folder / f"{i:03d}.png")
+        sets.append([Sample(str(folder / f"{i:03d}.png"), "c", "train", 0, "good") for i in range(12)])
+    val_a, val_b = (split_validation(s, 0.25, seed=3)[1] for s in sets)
+    assert [s.key for s in val_a] == [s.key for s in val_b] and len(val_a) == 3
+    assert {s.path for s in val_a}.isdisjoint(s.path for s in val_b)
+    anomalies = [ImageDataset(synthetic_anomalies(v, ["cutpaste"]), 32) for v in (val_a, val_b)]
+    for x, y in zip(anomalies[0], anomalies[1], strict=True):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
+
+
 # --- VisA and one-class sets ----------------------------------------------------------------------------
 
 

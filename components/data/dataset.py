@@ -56,7 +56,7 @@ class ImageDataset(torch.utils.data.Dataset):
         label = sample.label
         kind = self.synthetic or synthetic_kind(sample)
         if kind is not None:
-            pixels, extra = synthesize(pixels, kind, self.seed, sample.path)
+            pixels, extra = synthesize(pixels, kind, self.seed, sample.key)
             mask, label = mask | extra, 1
         return {
             "image": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 SPLITS = ("train", "test")
@@ -32,6 +33,15 @@ class Sample:
     defect: str
     mask_path: str | None = None
 
+    @property
+    def key(self) -> str:
+        """The sample's identity wherever its data set lives: category, split, and the file's own folder
+        and name (with the index of array-backed sets). It seeds every per-sample choice (validation slice,
+        synthetic anomalies, images shown), so the same data in another folder gives the same results;
+        a synthetic stand-in keeps its source image's key."""
+        path = Path(self.path)
+        return f"{self.category}/{self.split}/{path.parent.name}/{path.name}"
+
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise DataError(f"{self.path}: split must be one of {SPLITS}, got {self.split!r}")
@@ -42,7 +52,7 @@ class Sample:
 def split_validation(
     samples: list[Sample], fraction: float, seed: int = 0
 ) -> tuple[list[Sample], list[Sample]]:
-    """Split off ``round(fraction * n)`` samples as validation, chosen by sha256 of (seed, path).
+    """Split off ``round(fraction * n)`` samples as validation, chosen by sha256 of (seed, ``Sample.key``).
 
     The choice does not depend on the input order; both parts keep the original order. At least one
     sample goes to validation when n >= 2 and fraction > 0, and at least one stays for training.
@@ -55,7 +65,7 @@ def split_validation(
         k = min(max(k, 1), n - 1)
 
     def rank(i: int) -> tuple[str, int]:
-        return hashlib.sha256(f"{seed}\0{samples[i].path}".encode()).hexdigest(), i
+        return hashlib.sha256(f"{seed}\0{samples[i].key}".encode()).hexdigest(), i
 
     val_idx = set(sorted(range(n), key=rank)[:k])
     train = [s for i, s in enumerate(samples) if i not in val_idx]

@@ -30,9 +30,11 @@ moves ``challenger``: that stays the pipeline's job.
 **Cost estimate** (``adaptad grid --dry-run``, :func:`estimate`): per job, seconds =
 ``SETUP_SECONDS + train + fit + predict`` with ``c = BACKBONE_SECONDS[backbone] × (image_size / 224)² /
 cpus`` the seconds per image on ``cpus`` cores: ``fit = train images × c × FIT_FACTOR[method]``,
-``predict = test images × c × PREDICT_FACTOR[method]``, ``train = epochs × train images × 3c ×
-TRAIN_FACTOR[method] / train.num_workers``. Where finished runs of the same (method, backbone, image size)
-exist in ``grid.runs_dir``, their measured median seconds per image replace the model's.
+``predict = test images × c × PREDICT_FACTOR[method]``, ``train = TRAIN_SETUP_SECONDS + epochs × training
+images × 3c × TRAIN_FACTOR[method] × cpus / train.num_workers`` (a dataset-wide training counted once, with
+its first category). Where finished runs of the same (method, backbone, image size) exist in
+``grid.runs_dir``, their measured median seconds per image replace the model's
+(``benchmarks/calibrate_grid_costs.py`` prints the factors that finished runs imply).
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ from flows.train import ensure_ray
 
 # --- the cost model (module docstring) ------------------------------------------------------------------
 SETUP_SECONDS = 8.0  # Ray worker start, imports, backbone + weights
+TRAIN_SETUP_SECONDS = 40.0  # a Ray Train job's start and teardown + the method's one-time set-up (demo)
 # Seconds per image on one CPU core at 224 px (decode, resize, forward), and per-method factors; calibrated
 # roughly on a 2-core machine (tf_efficientnet_lite0 at 192 px on the demo: PatchCore fit 0.31 s and
 # predict 0.06 s per image, PaDiM 0.85 s and 0.27 s, with 2 threads). Measured rates replace them.
@@ -275,7 +278,9 @@ def estimate(plan: Plan, job: GridJob, rates: dict | None = None, training: bool
     fit = job.train_images * measured["fit"] if "fit" in measured else fit
     predict = job.test_images * measured["predict"] if "predict" in measured else predict
     per_epoch = measured.get("train", per_epoch)
-    train = job.epochs * job.training_images * per_epoch if training and not _trained(plan, job) else 0.0
+    train = 0.0
+    if training and job.epochs and not _trained(plan, job):
+        train = job.epochs * job.training_images * per_epoch + ("train" not in measured) * TRAIN_SETUP_SECONDS
     return SETUP_SECONDS + train + fit + predict, "measured" if measured else "model"
 
 
@@ -289,8 +294,10 @@ def dry_run(plan: Plan) -> str:
         else:
             status = "trained" if _trained(plan, job) else "todo"
             # a dataset-wide training job is counted once, with its first category
-            cost, source = estimate(plan, job, rates, training=job.shared_key not in trained_keys)
-            trained_keys.add(job.shared_key)
+            first = job.shared_key is None or job.shared_key not in trained_keys
+            cost, source = estimate(plan, job, rates, training=first)
+            if job.shared_key is not None:
+                trained_keys.add(job.shared_key)
             total, todo = total + cost, todo + 1
         rows.append(
             (

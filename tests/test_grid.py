@@ -288,3 +288,32 @@ def test_grid_params_errors_name_the_key(setup, tmp_path) -> None:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(no_grid))
     with pytest.raises(ParamsError, match="grid: no grid section"):
         expand(load_params(tmp_path / "params.yaml"), tmp_path / "params.yaml", check=False)
+
+
+def test_dry_run_counts_each_training_once(tmp_path: Path) -> None:
+    """Per-category trainings are each counted; a dataset-wide one (TPTL) once, with its first category."""
+    from flows.grid import TRAIN_SETUP_SECONDS, GridJob, Plan, dry_run, estimate, variant_params
+    from flows.params import load_params
+
+    params = load_params(
+        Path(__file__).resolve().parents[1] / "params.yaml", {"grid.runs_dir": str(tmp_path)}
+    )
+    jobs, variants = [], {}
+    for method, shared in (("panda", None), ("topology", "dataset-key")):
+        variants[("demo", method, params.backbone, 128, 0)] = variant_params(
+            params, "demo", method, params.backbone, 128, 0
+        )
+        for category in ("a", "b"):
+            jobs.append(
+                GridJob("demo", category, method, params.backbone, 128, 0, f"{method}-{category}", shared,
+                        train_images=100, test_images=50, epochs=2, training_images=200 if shared else 100)
+            )  # fmt: skip
+    plan = Plan(params, jobs, variants, {}, "grid-key", "code", tmp_path)
+    cost = {j.run_key: estimate(plan, j)[0] for j in jobs}
+    without = estimate(plan, jobs[3], training=False)[0]
+    assert (
+        cost["panda-a"] == cost["panda-b"] > estimate(plan, jobs[0], training=False)[0] + TRAIN_SETUP_SECONDS
+    )
+    assert cost["topology-b"] > without
+    total = float(dry_run(plan).splitlines()[-1].split("estimated ")[1].split(" s")[0])
+    assert total == pytest.approx(cost["panda-a"] + cost["panda-b"] + cost["topology-a"] + without, abs=1)

@@ -38,10 +38,12 @@ def main() -> None:
     for path in sorted(args.runs_dir.glob("*/evaluation/metrics.json")):
         record = json.loads(path.read_text())
         spec, m = record["spec"], record["metrics"]
+        if record.get("collapsed") or not m.get("train_images"):  # stopped by the collapse monitor
+            continue
         c = BACKBONE_SECONDS.get(spec["backbone"], DEFAULT_BACKBONE_SECONDS) * (spec["image_size"] / 224) ** 2
         c /= args.cpus
         f = factors[spec["method"]]
-        if m.get("train_images"):
+        if m.get("fit_seconds") is not None:
             f["fit"].append(m["fit_seconds"] / (m["train_images"] * c))
         if m.get("test_images"):
             f["predict"].append(m["predict_seconds"] / (m["test_images"] * c))

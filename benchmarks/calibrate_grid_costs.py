@@ -19,12 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flows.grid import (
-    BACKBONE_SECONDS,
-    DEFAULT_BACKBONE_SECONDS,
     FIT_FACTOR,
     PREDICT_FACTOR,
     TRAIN_FACTOR,
     TRAIN_SETUP_SECONDS,
+    seconds_per_image,
 )
 
 
@@ -40,8 +39,7 @@ def main() -> None:
         spec, m = record["spec"], record["metrics"]
         if record.get("collapsed") or not m.get("train_images"):  # stopped by the collapse monitor
             continue
-        c = BACKBONE_SECONDS.get(spec["backbone"], DEFAULT_BACKBONE_SECONDS) * (spec["image_size"] / 224) ** 2
-        c /= args.cpus
+        c = seconds_per_image(spec["backbone"], int(spec["image_size"]), args.cpus)
         f = factors[spec["method"]]
         if m.get("fit_seconds") is not None:
             f["fit"].append(m["fit_seconds"] / (m["train_images"] * c))

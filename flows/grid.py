@@ -267,6 +267,11 @@ def _measured_rates(runs_dir: Path) -> dict[tuple[str, str, int], dict[str, floa
     return {k: {n: statistics.median(v) for n, v in r.items() if v} for k, r in samples.items()}
 
 
+def seconds_per_image(backbone: str, image_size: int, cpus: int) -> float:
+    """The cost model's ``c``: seconds per image of ``backbone`` at ``image_size`` on ``cpus`` cores."""
+    return BACKBONE_SECONDS.get(backbone, DEFAULT_BACKBONE_SECONDS) * (image_size / 224) ** 2 / cpus
+
+
 def estimate(plan: Plan, job: GridJob, rates: dict | None = None, training: bool = True) -> tuple[float, str]:
     """Estimated seconds to run ``job`` and where the figure comes from (``model`` or ``measured``).
 
@@ -274,7 +279,7 @@ def estimate(plan: Plan, job: GridJob, rates: dict | None = None, training: bool
     """
     v = plan.variants[job.variant]
     cpus = plan.params.grid.cpus_per_job or v.train.num_workers * v.train.cpus_per_worker
-    c = BACKBONE_SECONDS.get(job.backbone, DEFAULT_BACKBONE_SECONDS) * (job.image_size / 224) ** 2 / cpus
+    c = seconds_per_image(job.backbone, job.image_size, cpus)
     fit = job.train_images * c * FIT_FACTOR.get(job.method, 1.0)
     predict = job.test_images * c * PREDICT_FACTOR.get(job.method, 1.0)
     per_epoch = 3 * c * TRAIN_FACTOR.get(job.method, 1.0) * cpus / v.train.num_workers

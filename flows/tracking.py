@@ -314,14 +314,14 @@ def version_description(record: dict[str, Any], training: dict[str, Any], link: 
     )
 
 
-def version_tags(record: dict[str, Any], git_commit: str) -> dict[str, str]:
+def version_tags(record: dict[str, Any], git_commit: str, code: str) -> dict[str, str]:
     metrics = record.get("metrics", {})
     tags = {
         "run_key": str(record["run_key"]),
         "data_version": str(record.get("data_version")),
         "method": str(record.get("method")),
         "git_commit": git_commit,
-        "code_version": str(record.get("code_version") or code_version()),
+        "code_version": code,
     }
     for key in METRIC_TAGS:
         v = _finite(metrics.get(key))
@@ -403,7 +403,7 @@ def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
     model_name = registered_model_name(dataset, category)
     collapsed = training.get("collapsed")  # stopped by the collapse monitor: logged, never registered
     register = params.mlflow.register_versions and not collapsed
-    commit = git_commit()
+    commit, code = git_commit(), code_version()
     run_name = f"{category}-{method}"
 
     existing = _find_version(client, model_name, key)
@@ -424,7 +424,7 @@ def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
                 client,
                 model_name,
                 model_uri,
-                version_tags(record, finished.data.tags.get("git_commit", commit)),
+                version_tags(record, finished.data.tags.get("git_commit", commit), code),
                 version_description(record, training, link, run_name),
             )
         return {"run_id": finished.info.run_id, "model_name": model_name, "version": version, "skipped": True}
@@ -436,7 +436,7 @@ def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
         "category": category,
         "dataset": dataset,
         "git_commit": commit,
-        "code_version": code_version(),
+        "code_version": code,
     }
     tags |= {str(k): str(v) for k, v in (training.get("tags") or {}).items()}
     if collapsed:
@@ -476,7 +476,7 @@ def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
                 client,
                 model_name,
                 info.model_uri,
-                version_tags(record, commit),
+                version_tags(record, commit, code),
                 version_description(record, training, link, run_name),
             )
     return {"run_id": run_id, "model_name": model_name, "version": version, "skipped": False}

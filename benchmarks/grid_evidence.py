@@ -2,8 +2,8 @@
 Fashion-MNIST's one-class protocol (all 10 classes, the whole test set, 64 px), one seed, through the
 real `adaptad grid` (Prefect + local Ray + MLflow).
 
-Usage: .venv/bin/python benchmarks/grid_evidence.py [--out runs/evidence] [--only industrial|fashion_mnist]
-       [--methods ...] [--dry-run]
+Usage: .venv/bin/python benchmarks/grid_evidence.py [--out DIR] [--only industrial|fashion_mnist]
+       [--methods ...] [--dry-run] [--archive-only]
 
 Writes ``<out>/params_<name>.yaml`` once (the repo's params.yaml + the evidence settings below; reused
 afterwards, so the run keys stay put), the manifests,
@@ -13,6 +13,20 @@ key, whose code version is the content of the result code (flows/params.py ``cod
 and re-running continues where it stopped, across commits that do not touch components/, flows/train.py
 or flows/evaluate.py. Every job's own seconds are in jobs.parquet; the script prints the wall time of
 each part of this invocation.
+
+The grid takes longer than one working session on a 2-core CPU, and a session's machine does not keep
+``runs/``. So the evidence is carried in the repository, under ``benchmarks/evidence/`` (``ARCHIVE``):
+the pinned params files; every finished job's evaluation folder without the fitted method and the
+figures (metrics.json, scores.parquet, roc/pro curves, history, the examples behind the side-by-side heat
+maps: about 0.5 MB a job at 192 px, as git stores the examples' images, identical across methods, once;
+the models and banks are 30-90 MB); each part's leaderboard; and ``sessions.jsonl``, one line per
+invocation with its wall time and the jobs it added. Each invocation first restores the archive into
+``--out`` (missing folders only) and archives after each part, also when the grid failed or was
+interrupted: exactly the jobs of the part's current plan, so the archive drops jobs whose run key a
+change of the result code retired. ``--archive-only`` archives what ``--out`` holds and runs nothing
+(after a grid was stopped). A restored job counts as done for the grid (its ``evaluation/metrics.json``
+is there) and is logged to MLflow and the leaderboard as usual; it has no ``method/``, so it cannot
+serve predictions, and no ``heatmaps.png`` / ``curves.png``.
 
 Deviations, all CPU budgets or offline constraints (METHODS.md, params.yaml): the backbone is
 tf_efficientnet_lite0 with the offline ImageNet weights; Fashion-MNIST's 28 px images are upsampled to
@@ -25,7 +39,11 @@ the industrial sets' normal train images for Fashion-MNIST.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import gzip
+import json
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -36,6 +54,7 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = REPO / "benchmarks" / "evidence"
 INDUSTRIAL = REPO.parent / "shared" / "data" / "industrial"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 CATEGORIES = ["deeppcb", "kolektorsdd", "magnetic_tile"]
@@ -118,25 +137,154 @@ def write_params(out: Path, name: str, methods: list[str], fresh: bool = False) 
     return path
 
 
+def _copy_atomic(source: Path, target: Path, ignore=None) -> None:
+    """Copy the folder ``source`` to ``target`` through a temporary sibling and a rename."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, tmp, ignore=ignore)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def archived_out(store: Path) -> Path | None:
+    """The ``--out`` the archived params files were written for (their ``grid.runs_dir``'s parent)."""
+    for path in sorted(store.glob("params_*.yaml")):
+        return Path(yaml.safe_load(path.read_text())["grid"]["runs_dir"]).parent
+    return None
+
+
+def restore(out: Path, store: Path) -> int:
+    """Copy the archive's params files and evaluation folders into ``out`` where missing; returns the
+    number of jobs restored."""
+    restored = 0
+    for path in store.glob("params_*.yaml"):
+        if not (out / path.name).is_file():
+            shutil.copy(path, out / path.name)
+    for evaluation in sorted(store.glob("jobs/*/evaluation")):
+        target = out / "jobs" / evaluation.parent.name / "evaluation"
+        if not (target / "metrics.json").is_file():
+            _copy_atomic(evaluation, target)
+            restored += 1
+    return restored
+
+
+def archive(out: Path, store: Path, name: str, params: Path) -> tuple[int, int]:
+    """Archive the part's finished jobs (the current plan's, without ``method/`` and PNGs) and its
+    leaderboard; drops archived jobs of this part the current plan no longer has. Returns (done, jobs)."""
+    from flows.grid import expand, job_done
+    from flows.params import load_params
+
+    plan = expand(load_params(params), params, check=False)
+    keys = {job.run_key for job in plan.jobs}
+    shutil.copy(params, store / params.name)
+    for folder in store.glob("jobs/*"):
+        metrics = folder / "evaluation" / "metrics.json"
+        stale = folder.name not in keys and (
+            not metrics.is_file() or json.loads(metrics.read_text()).get("dataset") == name
+        )
+        if stale:
+            shutil.rmtree(folder)
+    done = [job for job in plan.jobs if job_done(plan, job)]
+    for job in done:
+        source = plan.runs_dir / job.run_key / "evaluation"
+        target = store / "jobs" / job.run_key / "evaluation"
+        if not (target / "metrics.json").is_file():
+            _copy_atomic(source, target, ignore=shutil.ignore_patterns("method", "*.png"))
+    board = out / name
+    if (board / "leaderboard.md").is_file():
+        _copy_atomic(board, store / name, ignore=shutil.ignore_patterns("grid.json", "plots", ".*"))
+    return len(done), len(plan.jobs)
+
+
+def log_session(store: Path, part: str, wall: float, computed: int, done: int, total: int, code: int) -> None:
+    """One line of ``<archive>/sessions.jsonl``: when, how long, what this invocation added."""
+    line = {
+        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "part": part,
+        "wall_seconds": round(wall, 1),
+        "jobs_done_before": done - computed,
+        "jobs_done_after": done,
+        "jobs": total,
+        "exit_code": code,
+    }
+    with open(store / "sessions.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def run_stoppable(command: list[str]) -> int:
+    """Run ``command``; on SIGINT / SIGTERM stop it with SIGINT (Prefect marks the flow cancelled, Ray
+    shuts down), wait up to 60 s, then kill it. Returns its exit code, 130 when stopped."""
+    stop = []
+    handler = lambda signum, frame: stop.append(signum)  # noqa: E731
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        process = subprocess.Popen(command, cwd=REPO, start_new_session=True)
+        while process.poll() is None and not stop:
+            time.sleep(1)
+        if stop:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            return 130
+        return process.returncode
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _done_count(params: Path) -> int:
+    from flows.grid import expand, job_done
+    from flows.params import load_params
+
+    plan = expand(load_params(params), params, check=False)
+    return sum(job_done(plan, job) for job in plan.jobs)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=REPO / "runs" / "evidence")
+    ap.add_argument("--out", type=Path, help="default: where the archived evidence ran, else runs/evidence")
     ap.add_argument("--only", choices=list(PARTS), action="append")
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--fresh-params", action="store_true", help="rewrite the params files from params.yaml")
+    ap.add_argument("--archive", type=Path, default=ARCHIVE, help="the archive (default: %(default)s)")
+    ap.add_argument("--archive-only", action="store_true", help="archive --out, run nothing")
     args = ap.parse_args()
-    out = args.out.resolve()
+    store = args.archive.resolve()
+    archived = archived_out(store)
+    out = (args.out or archived or REPO / "runs" / "evidence").resolve()
+    if archived and out != archived and not args.fresh_params:
+        ap.error(
+            f"--out {out}: the archived evidence ({store}) ran in {archived} and its run keys name files "
+            f"there (PANDA-OE's outliers); use --out {archived}, or --fresh-params to start a new grid"
+        )
     out.mkdir(parents=True, exist_ok=True)
+    store.mkdir(parents=True, exist_ok=True)
+    print(f"[evidence] {restore(out, store)} finished jobs restored from {store}", flush=True)
     adaptad = str(Path(sys.executable).with_name("adaptad"))
     code = 0
     for name in args.only or list(PARTS):
         path = write_params(out, name, args.methods, args.fresh_params)
         t0 = time.perf_counter()
         subprocess.run([adaptad, "prepare", "--params", str(path)], cwd=REPO, check=True)
-        grid = [adaptad, "grid", "--params", str(path)] + (["--dry-run"] if args.dry_run else [])
-        code |= subprocess.run(grid, cwd=REPO).returncode
-        print(f"[evidence] {name}: {time.perf_counter() - t0:.0f} s wall (this invocation)", flush=True)
+        before, result = _done_count(path), 0
+        if not args.archive_only:
+            grid = [adaptad, "grid", "--params", str(path)] + (["--dry-run"] if args.dry_run else [])
+            result = run_stoppable(grid)
+            code |= result
+        wall = time.perf_counter() - t0
+        print(f"[evidence] {name}: {wall:.0f} s wall (this invocation)", flush=True)
+        if not args.dry_run:
+            done, total = archive(out, store, name, path)
+            print(f"[evidence] {name}: {done} of {total} jobs done, archived", flush=True)
+            if not args.archive_only:
+                log_session(store, name, wall, done - before, done, total, result)
+        if result == 130:
+            break
     return code
 
 

@@ -39,9 +39,11 @@ the industrial sets' normal train images for Fashion-MNIST.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gzip
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -213,25 +215,27 @@ def log_session(store: Path, part: str, wall: float, computed: int, done: int, t
 
 
 def run_stoppable(command: list[str]) -> int:
-    """Run ``command``; on SIGINT / SIGTERM stop it with SIGINT (Prefect marks the flow cancelled, Ray
-    shuts down), wait up to 60 s, then kill it. Returns its exit code, 130 when stopped."""
+    """Run ``command`` in its own process group; on SIGINT / SIGTERM stop it with SIGINT, wait up to
+    30 s, then end the whole group (the grid's Ray processes and Prefect API live in it: a grid waiting
+    on a running job does not exit on SIGINT alone). Returns its exit code, 130 when stopped."""
     stop = []
     handler = lambda signum, frame: stop.append(signum)  # noqa: E731
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    process = subprocess.Popen(command, cwd=REPO, start_new_session=True)
     try:
-        process = subprocess.Popen(command, cwd=REPO, start_new_session=True)
         while process.poll() is None and not stop:
             time.sleep(1)
         if stop:
             process.send_signal(signal.SIGINT)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            return 130
-        return process.returncode
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(30)
+        return 130 if stop else process.returncode
     finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # what is left of the group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+                time.sleep(5 if sig == signal.SIGTERM else 0)
+        process.wait()
         for sig, old in previous.items():
             signal.signal(sig, old)
 

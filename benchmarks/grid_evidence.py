@@ -48,6 +48,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -140,13 +141,16 @@ def write_params(out: Path, name: str, methods: list[str], fresh: bool = False) 
 
 
 def _copy_atomic(source: Path, target: Path, ignore=None) -> None:
-    """Copy the folder ``source`` to ``target`` through a temporary sibling and a rename."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source, tmp, ignore=ignore)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    """Copy the folder ``source`` to ``target`` through a temporary sibling (components.banks.replace_dir)."""
+    from components.banks import replace_dir
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        shutil.copytree(source, tmp, ignore=ignore, dirs_exist_ok=True)
+        replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def archived_out(store: Path) -> Path | None:
@@ -171,13 +175,23 @@ def restore(out: Path, store: Path) -> int:
     return restored
 
 
-def archive(out: Path, store: Path, name: str, params: Path) -> tuple[int, int]:
-    """Archive the part's finished jobs (the current plan's, without ``method/`` and PNGs) and its
-    leaderboard; drops archived jobs of this part the current plan no longer has. Returns (done, jobs)."""
-    from flows.grid import expand, job_done
+def plan_of(params: Path):
+    """The part's grid plan (flows.grid.expand: every job and its run key), without the method checks."""
+    from flows.grid import expand
     from flows.params import load_params
 
-    plan = expand(load_params(params), params, check=False)
+    return expand(load_params(params), params, check=False)
+
+
+def done_jobs(plan) -> list:
+    from flows.grid import job_done
+
+    return [job for job in plan.jobs if job_done(plan, job)]
+
+
+def archive(out: Path, store: Path, name: str, params: Path, plan) -> int:
+    """Archive the part's finished jobs (the plan's, without ``method/`` and PNGs) and its leaderboard;
+    drops archived jobs of this part the plan no longer has. Returns the number of finished jobs."""
     keys = {job.run_key for job in plan.jobs}
     shutil.copy(params, store / params.name)
     for folder in store.glob("jobs/*"):
@@ -187,7 +201,7 @@ def archive(out: Path, store: Path, name: str, params: Path) -> tuple[int, int]:
         )
         if stale:
             shutil.rmtree(folder)
-    done = [job for job in plan.jobs if job_done(plan, job)]
+    done = done_jobs(plan)
     for job in done:
         source = plan.runs_dir / job.run_key / "evaluation"
         target = store / "jobs" / job.run_key / "evaluation"
@@ -196,16 +210,16 @@ def archive(out: Path, store: Path, name: str, params: Path) -> tuple[int, int]:
     board = out / name
     if (board / "leaderboard.md").is_file():
         _copy_atomic(board, store / name, ignore=shutil.ignore_patterns("grid.json", "plots", ".*"))
-    return len(done), len(plan.jobs)
+    return len(done)
 
 
-def log_session(store: Path, part: str, wall: float, computed: int, done: int, total: int, code: int) -> None:
+def log_session(store: Path, part: str, wall: float, before: int, done: int, total: int, code: int) -> None:
     """One line of ``<archive>/sessions.jsonl``: when, how long, what this invocation added."""
     line = {
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "part": part,
         "wall_seconds": round(wall, 1),
-        "jobs_done_before": done - computed,
+        "jobs_done_before": before,
         "jobs_done_after": done,
         "jobs": total,
         "exit_code": code,
@@ -240,14 +254,6 @@ def run_stoppable(command: list[str]) -> int:
             signal.signal(sig, old)
 
 
-def _done_count(params: Path) -> int:
-    from flows.grid import expand, job_done
-    from flows.params import load_params
-
-    plan = expand(load_params(params), params, check=False)
-    return sum(job_done(plan, job) for job in plan.jobs)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="default: where the archived evidence ran, else runs/evidence")
@@ -275,7 +281,8 @@ def main() -> int:
         path = write_params(out, name, args.methods, args.fresh_params)
         t0 = time.perf_counter()
         subprocess.run([adaptad, "prepare", "--params", str(path)], cwd=REPO, check=True)
-        before, result = _done_count(path), 0
+        plan = plan_of(path)  # job_done reads the run folders: the same plan serves before and after
+        before, result = len(done_jobs(plan)), 0
         if not args.archive_only:
             grid = [adaptad, "grid", "--params", str(path)] + (["--dry-run"] if args.dry_run else [])
             result = run_stoppable(grid)
@@ -283,10 +290,10 @@ def main() -> int:
         wall = time.perf_counter() - t0
         print(f"[evidence] {name}: {wall:.0f} s wall (this invocation)", flush=True)
         if not args.dry_run:
-            done, total = archive(out, store, name, path)
-            print(f"[evidence] {name}: {done} of {total} jobs done, archived", flush=True)
+            done = archive(out, store, name, path, plan)
+            print(f"[evidence] {name}: {done} of {len(plan.jobs)} jobs done, archived", flush=True)
             if not args.archive_only:
-                log_session(store, name, wall, done - before, done, total, result)
+                log_session(store, name, wall, before, done, len(plan.jobs), result)
         if result == 130:
             break
     return code

@@ -49,6 +49,7 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +77,14 @@ from flows.pipeline import (
     dataset_version,
     evaluate_remotely,
     load_category_samples,
+    run_bounded,
     train_task,
     trains,
 )
 from flows.pipeline import (
     category_job as make_category_job,
 )
+from flows.services import worker_env_defaults
 from flows.train import ensure_ray
 
 # --- the cost model (module docstring) ------------------------------------------------------------------
@@ -513,6 +516,7 @@ def _start_ray(attempts: int = 2) -> None:
 
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+        worker_env_defaults()
     for attempt in range(1, attempts + 1):
         try:
             ensure_ray()
@@ -590,33 +594,19 @@ def grid(
     run_job = job_task.with_options(
         retries=params.pipeline.retries, retry_delay_seconds=params.pipeline.retry_delay_seconds
     )
-    queue = list(plan.jobs)
-    running: dict[str, Any] = {}
-    futures: dict[str, tuple[GridJob, Any]] = {}
-    while queue or running:
-        while queue and len(running) < g.concurrency:
-            job = queue.pop(0)
-            rows, version = plan.samples[job.dataset][job.category]
-            every = []
-            if job.shared_key:
-                every = [s for r, _ in plan.samples[job.dataset].values() for s in r if s.split == "train"]
-            future = run_job.submit(
-                job,
-                plan.variants[job.variant],
-                version,
-                quote(rows),
-                quote(every),
-                (experiment, parent, plan.grid_key),
-                g.cpus_per_job,
-            )
-            running[job.run_key] = future
-            futures[job.run_key] = (job, future)
-        for key, future in list(running.items()):
-            future.wait(0.5)
-            if future.state.is_final():
-                del running[key]
+
+    def submit(job: GridJob) -> Any:
+        rows, version = plan.samples[job.dataset][job.category]
+        every = []
+        if job.shared_key:
+            every = [s for r, _ in plan.samples[job.dataset].values() for s in r if s.split == "train"]
+        variant = plan.variants[job.variant]
+        mlflow_run = (experiment, parent, plan.grid_key)
+        return run_job.submit(job, variant, version, quote(rows), quote(every), mlflow_run, g.cpus_per_job)
+
+    done = run_bounded([(job.run_key, partial(submit, job)) for job in plan.jobs], g.concurrency)
     records, failed = [], []
-    for job, future in futures.values():
+    for job, future in ((job, done[job.run_key]) for job in plan.jobs):
         if future.state.is_completed():
             records.append(future.result())
             continue
@@ -661,7 +651,7 @@ def grid(
         reasons = {r["run_key"]: r["reason"] for r in records if r["status"] == "failed"}
         raise RuntimeError(
             "grid jobs failed: "
-            + "; ".join(f"{j.label} ({reasons[j.run_key]})" for j, _ in futures.values() if j.label in failed)
+            + "; ".join(f"{j.label} ({reasons[j.run_key]})" for j in plan.jobs if j.label in failed)
         )
     return {
         "grid_key": plan.grid_key,

@@ -9,13 +9,17 @@ category) are written for the categories that finished, and a markdown artifact 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
 import os
+import queue
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from components.data import DataError, Sample, manifest_version, read_manifest
 from components.methods import method_class
 from flows.evaluate import METRIC_KEYS, CategoryJob, evaluate_category, evaluate_in_ray_task, read_run
 from flows.params import Params, check_method, code_version, load_params, run_key
+from flows.services import worker_env_defaults
 from flows.train import TrainJob, absolute, ensure_ray, train
 
 
@@ -304,12 +309,37 @@ def start_ray_if_needed(
         return
     if not trains(params):
         return
+    worker_env_defaults()
     code = code or code_version()
     shared = shared_training_key(params, categories, code)
     keys = [shared] if shared else [run_key(params, c, v, code) for c, (_, v) in categories.items()]
     runs = Path(params.pipeline.runs_dir)
     if any(not (runs / k / "trained" / "summary.json").is_file() for k in keys):
         ensure_ray()
+
+
+def run_bounded(submissions: list[tuple[str, Callable[[], Any]]], concurrency: int) -> dict[str, Any]:
+    """Call each ``(key, submit)``'s ``submit`` (a Prefect ``Task.submit``), at most ``concurrency``
+    futures unfinished at a time, in order; returns every future by key, all finished (final state set).
+
+    Finished futures arrive through done-callbacks: polling each future's state would ask the Prefect API
+    twice a second for the whole run, CPU taken from the jobs on a small machine.
+    """
+    finished: queue.SimpleQueue[str] = queue.SimpleQueue()
+    futures: dict[str, Any] = {}
+    running: set[str] = set()
+    todo = list(submissions)
+    while todo or running:
+        while todo and len(running) < concurrency:
+            key, submit = todo.pop(0)
+            futures[key] = future = submit()
+            running.add(key)
+            future.add_done_callback(lambda _, key=key: finished.put(key))
+        with contextlib.suppress(queue.Empty):  # a timeout keeps Ctrl-C responsive
+            running.discard(finished.get(timeout=5))
+    for future in futures.values():
+        future.wait()  # the final state from the task's own future, not from the API
+    return futures
 
 
 @flow(name="pipeline", log_prints=True)
@@ -346,19 +376,11 @@ def pipeline(
             shared_key, params, f"{params.dataset} (all categories)", every
         )
     run_category = category_task.with_options(**task_opts)
-    pending = list(categories.items())
-    running: dict[str, Any] = {}
-    futures: dict[str, Any] = {}
-    while pending or running:
-        while pending and len(running) < params.pipeline.concurrency:
-            category, (samples, version) = pending.pop(0)
-            running[category] = futures[category] = run_category.submit(
-                params, category, samples, version, code, shared
-            )
-        for category, future in list(running.items()):
-            future.wait(0.5)
-            if future.state.is_final():
-                del running[category]
+    submissions = [
+        (category, partial(run_category.submit, params, category, samples, version, code, shared))
+        for category, (samples, version) in categories.items()
+    ]
+    futures = run_bounded(submissions, params.pipeline.concurrency)
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
     for category, future in futures.items():

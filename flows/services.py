@@ -18,6 +18,21 @@ from collections.abc import Iterator
 
 SERVER_APP = "prefect.server.api.server:create_app"  # Prefect's API, as its temporary server runs it
 
+# Environment defaults for the worker processes of a Ray cluster this process starts (they inherit it).
+# A worker scores with torch and faiss, each with its own OpenMP runtime (torch's libgomp, faiss' bundled
+# copy) whose idle threads spin by default. Alternating small torch and faiss calls then keeps one spinning
+# thread per runtime beside the working ones; on a machine whose cores the task takes exactly, Ray's
+# niced workers lose those cores to every wake-up of the driver and the Prefect API, and the tiny parallel
+# regions wait for descheduled threads. Measured on 2 cores (DN2, Fashion-MNIST 64 px): 54 -> 318 test
+# images/s with PASSIVE, scores bit-identical (benchmarks/RESULTS.md). A value set by the user wins.
+WORKER_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def worker_env_defaults() -> None:
+    """Set :data:`WORKER_ENV_DEFAULTS` where unset; call before starting a local Ray cluster."""
+    for name, value in WORKER_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
 
 class PrefectAPIStarter:
     """Starts the embedded Prefect API — the server Prefect's own temporary mode would start — at once,

@@ -294,6 +294,7 @@ cmd_start() {
         "RAY_AUTH_MODE=disabled"
         "RAY_TMPDIR=$ray_tmp"
         "RAY_USAGE_STATS_ENABLED=0"
+        "OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}" # Ray workers' OpenMP threads (flows/services.py)
     )
     local kv
     {

@@ -97,6 +97,13 @@ def industrial_outliers(folder: Path) -> Path:
     return folder
 
 
+def outliers(out: Path, name: str) -> Path:
+    """PANDA-OE's outlier folder of part ``name``: the other domain (module docstring), made if missing."""
+    if name == "fashion_mnist":
+        return industrial_outliers(out / "oe_industrial")
+    return fashion_outliers(out / "oe_fashion_mnist")
+
+
 def write_params(out: Path, name: str, methods: list[str], fresh: bool = False) -> Path:
     """``<out>/params_<name>.yaml``, written once: later invocations reuse it (only ``grid.methods``
     follows ``--methods``), so a changed params.yaml default never changes the evidence's run keys."""
@@ -105,6 +112,7 @@ def write_params(out: Path, name: str, methods: list[str], fresh: bool = False) 
         params = yaml.safe_load(path.read_text())
         params["grid"]["methods"] = methods
         path.write_text(yaml.safe_dump(params, sort_keys=False))
+        outliers(out, name)  # not archived: rebuilt (deterministically) on a new machine
         return path
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["datasets"] |= {
@@ -115,9 +123,7 @@ def write_params(out: Path, name: str, methods: list[str], fresh: bool = False) 
     params["image_size"] = PARTS[name]
     params["manifests_dir"] = str(out / "manifests")
     params["train"] |= {"num_workers": 2, "cpus_per_worker": 1}
-    oe = industrial_outliers(out / "oe_industrial") if name == "fashion_mnist" else None
-    oe = oe or fashion_outliers(out / "oe_fashion_mnist")
-    params["methods"]["panda_oe"]["outliers"] = str(oe)
+    params["methods"]["panda_oe"]["outliers"] = str(outliers(out, name))
     params["grid"].update(
         datasets=[name],
         categories={},

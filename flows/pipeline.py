@@ -57,11 +57,20 @@ def dataset_version(categories: dict[str, tuple[list[Sample], str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _key(suffix: str):
-    return lambda context, arguments: f"{arguments['key']}-{suffix}"
+def _key(suffix: str, artifact: str | None = None):
+    """Prefect cache key of a task by run key; with ``artifact`` (a file in the run folder) only while that
+    file exists: a cached result whose run folder was deleted or moved is recomputed, not returned."""
+
+    def key(context: Any, arguments: dict[str, Any]) -> str | None:
+        runs = Path(arguments["params"].pipeline.runs_dir)
+        if artifact is not None and not (runs / arguments["key"] / artifact).is_file():
+            return None  # no cache key: the task runs
+        return f"{arguments['key']}-{suffix}"
+
+    return key
 
 
-@task(name="train", cache_key_fn=_key("train"), persist_result=True)
+@task(name="train", cache_key_fn=_key("train", "trained/summary.json"), persist_result=True)
 def train_task(key: str, params: Params, category: str, train_samples: list[Sample]) -> dict[str, Any]:
     """Fine-tune the backbone on the Ray cluster (a TorchTrainer run named by the run key)."""
     t = params.train
@@ -119,7 +128,7 @@ def category_job(
     )
 
 
-@task(name="evaluate", cache_key_fn=_key("evaluate"), persist_result=True)
+@task(name="evaluate", cache_key_fn=_key("evaluate", "evaluation/metrics.json"), persist_result=True)
 def evaluate_task(
     key: str,
     params: Params,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -164,12 +166,37 @@ def _embedded_defaults() -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster on this machine only
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _stop(command: str, prefect_api: object | None) -> None:
+    """After Ctrl-C or SIGTERM: end the local Ray cluster (its workers end the running jobs) and the Prefect
+    API, then exit 130 at once — the job threads wait on those workers, so the interpreter would wait for
+    them. Finished jobs are kept (atomic run folders); a rerun continues with the missing ones."""
+    print(f"adaptad {command}: stopped; a rerun reuses every finished job", file=sys.stderr, flush=True)
+    if "ray" in sys.modules:
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+    if prefect_api is not None:
+        prefect_api.stop()
+    sys.stdout.flush()
+    os._exit(130)
+
+
 def pipeline_command(args: argparse.Namespace) -> int:
-    """``prepare`` / ``pipeline`` / ``promote`` / ``grid``; bad input → UsageError, a failed job → exit 1."""
+    """``prepare`` / ``pipeline`` / ``promote`` / ``grid``; bad input → UsageError, a failed job → exit 1.
+
+    SIGTERM stops like Ctrl-C: the services this process started are ended, exit code 130 (:func:`_stop`).
+    """
     _embedded_defaults()
+    prefect_api = None
     if args.command in ("pipeline", "promote") or (args.command == "grid" and not args.dry_run):
         from flows.services import PrefectAPIStarter
 
+        signal.signal(signal.SIGTERM, _interrupt)
         prefect_api = PrefectAPIStarter()  # comes up while the imports and checks below run
     from components.data import DataError
     from flows.params import ParamsError, load_params
@@ -217,6 +244,9 @@ def pipeline_command(args: argparse.Namespace) -> int:
         return 0
     except (ParamsError, DataError) as err:
         raise UsageError(str(err)) from err
+    except KeyboardInterrupt:
+        _stop(args.command, prefect_api)
+        raise
     except Exception as err:
         from flows.tracking import TrackingError
 

@@ -16,7 +16,9 @@ All grid runs share one process (tests/grid_runner.py), so the services start on
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -252,6 +254,49 @@ def test_a_dataset_scope_method_trains_once_for_all_its_categories(setup, steps)
         assert 0 <= row["image_auroc"] <= 1 and 0 <= row["pixel_auroc"] <= 1
         train = json.loads((home / "jobs" / row["run_key"] / "evaluation" / "train.json").read_text())
         assert train["run_key"] == shared
+
+
+def _service_processes(exclude: set[int]) -> list[str]:
+    """Command lines of the Ray / Prefect API processes not in ``exclude`` (pids seen before)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if proc.info["pid"] not in exclude and ("ray" in cmdline or "uvicorn" in cmdline):
+            found.append(cmdline[:160])
+    return found
+
+
+def test_sigterm_stops_a_running_grid_and_every_service_it_started(setup, steps) -> None:
+    import psutil
+
+    home, path, env = setup
+    before = {p.pid for p in psutil.process_iter()}
+    out = home / "stopped"
+    overrides = {"grid.methods": "[dn2]", "grid.output": out, "grid.metrics_file": out / "grid.json"}
+    overrides |= {"grid.plots_dir": out / "plots"}
+    cmd = ["adaptad", "grid", "--params", str(path)]
+    cmd += [arg for k, v in overrides.items() for arg in ("-S", f"{k}={v}")]
+    grid = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while grid.poll() is None and time.monotonic() < deadline:  # until a job's Ray worker runs
+        if any(c.startswith("ray::evaluate:") for c in _service_processes(before)):
+            break
+        time.sleep(0.2)
+    assert grid.poll() is None, "the grid ended before a job ran"
+    t0 = time.monotonic()
+    grid.send_signal(signal.SIGTERM)
+    log, _ = grid.communicate(timeout=60)
+    assert grid.returncode == 130, log[-3000:]
+    assert time.monotonic() - t0 < 30 and "adaptad grid: stopped" in log, log[-3000:]
+    for _ in range(30):  # the local Ray cluster and the Prefect API end with it
+        survivors = _service_processes(before)
+        if not survivors:
+            break
+        time.sleep(0.5)
+    assert not survivors, survivors
+    assert not (out / "leaderboard.md").exists()  # nothing written as if the grid had finished
 
 
 def test_grid_params_errors_name_the_key(setup, tmp_path) -> None:

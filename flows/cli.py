@@ -7,9 +7,9 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -166,38 +166,43 @@ def _embedded_defaults() -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster on this machine only
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+def _stop_handler(command: str, prefect_api: object | None):
+    """The SIGINT / SIGTERM handler of a service-starting command: end the local Ray cluster (its workers
+    end the running jobs) and the Prefect API, then exit 128 + signal at once. It acts inside the handler:
+    unwinding the flow would wait on the job threads, which wait on those workers, and Prefect would retry
+    the interrupted jobs. Finished jobs are kept (atomic run folders); a rerun runs the missing ones."""
 
+    def stop(signum: int, frame: object) -> None:
+        print(f"adaptad {command}: stopped; a rerun reuses every finished job", file=sys.stderr, flush=True)
+        watchdog = threading.Timer(20, os._exit, [128 + signum])  # a shutdown that hangs ends here
+        watchdog.daemon = True
+        watchdog.start()
+        if "ray" in sys.modules:
+            import ray
 
-def _stop(command: str, prefect_api: object | None) -> None:
-    """After Ctrl-C or SIGTERM: end the local Ray cluster (its workers end the running jobs) and the Prefect
-    API, then exit 130 at once — the job threads wait on those workers, so the interpreter would wait for
-    them. Finished jobs are kept (atomic run folders); a rerun continues with the missing ones."""
-    print(f"adaptad {command}: stopped; a rerun reuses every finished job", file=sys.stderr, flush=True)
-    if "ray" in sys.modules:
-        import ray
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+        if prefect_api is not None:
+            prefect_api.stop()
+        sys.stdout.flush()
+        os._exit(128 + signum)
 
-        with contextlib.suppress(Exception):
-            ray.shutdown()
-    if prefect_api is not None:
-        prefect_api.stop()
-    sys.stdout.flush()
-    os._exit(130)
+    return stop
 
 
 def pipeline_command(args: argparse.Namespace) -> int:
     """``prepare`` / ``pipeline`` / ``promote`` / ``grid``; bad input → UsageError, a failed job → exit 1.
 
-    SIGTERM stops like Ctrl-C: the services this process started are ended, exit code 130 (:func:`_stop`).
+    Ctrl-C (SIGINT, also when a shell started it with SIGINT ignored, as background jobs are) and SIGTERM
+    end the services this process started, exit code 130 / 143 (:func:`_stop_handler`).
     """
     _embedded_defaults()
     prefect_api = None
     if args.command in ("pipeline", "promote") or (args.command == "grid" and not args.dry_run):
-        from flows.services import PrefectAPIStarter
+        from flows.services import PrefectAPIStarter, install_stop_handler
 
-        signal.signal(signal.SIGTERM, _interrupt)
         prefect_api = PrefectAPIStarter()  # comes up while the imports and checks below run
+        install_stop_handler(_stop_handler(args.command, prefect_api))
     from components.data import DataError
     from flows.params import ParamsError, load_params
 
@@ -244,9 +249,6 @@ def pipeline_command(args: argparse.Namespace) -> int:
         return 0
     except (ParamsError, DataError) as err:
         raise UsageError(str(err)) from err
-    except KeyboardInterrupt:
-        _stop(args.command, prefect_api)
-        raise
     except Exception as err:
         from flows.tracking import TrackingError
 

@@ -32,7 +32,7 @@ from components.data import DataError, Sample, manifest_version, read_manifest
 from components.methods import method_class
 from flows.evaluate import METRIC_KEYS, CategoryJob, evaluate_category, evaluate_in_ray_task, read_run
 from flows.params import Params, check_method, code_version, load_params, run_key
-from flows.services import worker_env_defaults
+from flows.services import restore_stop_handler, worker_env_defaults
 from flows.train import TrainJob, absolute, ensure_ray, train
 
 
@@ -315,6 +315,7 @@ def start_ray_if_needed(
     """
     if os.environ.get("RAY_ADDRESS"):
         ensure_ray()
+        restore_stop_handler()
         return
     if not trains(params):
         return
@@ -325,6 +326,7 @@ def start_ray_if_needed(
     runs = Path(params.pipeline.runs_dir)
     if any(not (runs / k / "trained" / "summary.json").is_file() for k in keys):
         ensure_ray()
+        restore_stop_handler()
 
 
 def run_bounded(submissions: list[tuple[str, Callable[[], Any]]], concurrency: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +27,24 @@ SERVER_APP = "prefect.server.api.server:create_app"  # Prefect's API, as its tem
 # regions wait for descheduled threads. Measured on 2 cores (DN2, Fashion-MNIST 64 px): 54 -> 318 test
 # images/s with PASSIVE, scores bit-identical (benchmarks/RESULTS.md). A value set by the user wins.
 WORKER_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+_STOP_HANDLER: list = []
+
+
+def install_stop_handler(handler) -> None:
+    """Make ``handler`` this process's SIGINT and SIGTERM handler (main thread only; see
+    :func:`restore_stop_handler`)."""
+    _STOP_HANDLER[:] = [handler]
+    restore_stop_handler()
+
+
+def restore_stop_handler() -> None:
+    """Re-install the handler of :func:`install_stop_handler` after ``ray.init``, which sets its own SIGTERM
+    handler in a driver (``sys.exit``: the flow would then wait on its job threads)."""
+    if _STOP_HANDLER and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _STOP_HANDLER[0])
 
 
 def worker_env_defaults() -> None:

@@ -78,14 +78,13 @@ from flows.pipeline import (
     evaluate_remotely,
     load_category_samples,
     run_bounded,
+    start_ray,
     train_task,
     trains,
 )
 from flows.pipeline import (
     category_job as make_category_job,
 )
-from flows.services import restore_stop_handler, worker_env_defaults
-from flows.train import ensure_ray
 
 # --- the cost model (module docstring) ------------------------------------------------------------------
 SETUP_SECONDS = 8.0  # Ray worker start, imports, backbone + weights
@@ -520,11 +519,9 @@ def _start_ray(attempts: int = 2) -> None:
 
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
-        worker_env_defaults()
     for attempt in range(1, attempts + 1):
         try:
-            ensure_ray()
-            restore_stop_handler()
+            start_ray()
             return
         except Exception as err:
             if attempt == attempts or os.environ.get("RAY_ADDRESS"):

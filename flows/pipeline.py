@@ -314,19 +314,25 @@ def start_ray_if_needed(
     Call it on the flow's thread: Ray's local processes live as long as the thread that started them.
     """
     if os.environ.get("RAY_ADDRESS"):
-        ensure_ray()
-        restore_stop_handler()
+        start_ray()
         return
     if not trains(params):
         return
-    worker_env_defaults()
     code = code or code_version()
     shared = shared_training_key(params, categories, code)
     keys = [shared] if shared else [run_key(params, c, v, code) for c, (_, v) in categories.items()]
     runs = Path(params.pipeline.runs_dir)
     if any(not (runs / k / "trained" / "summary.json").is_file() for k in keys):
-        ensure_ray()
-        restore_stop_handler()
+        start_ray()
+
+
+def start_ray() -> None:
+    """:func:`ensure_ray` on the flow's thread, with the worker environment defaults for a local cluster
+    (``flows/services.py``) and the CLI's stop handler kept (``ray.init`` replaces SIGTERM's)."""
+    if not os.environ.get("RAY_ADDRESS"):
+        worker_env_defaults()
+    ensure_ray()
+    restore_stop_handler()
 
 
 def run_bounded(submissions: list[tuple[str, Callable[[], Any]]], concurrency: int) -> dict[str, Any]:

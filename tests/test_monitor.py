@@ -12,6 +12,7 @@ from components.monitor import (
     effective_rank,
     knn_overlap,
     knn_separation,
+    knn_sets,
 )
 
 
@@ -32,6 +33,17 @@ def test_knn_overlap_is_one_for_the_same_geometry_and_drops_when_scrambled() -> 
     assert knn_overlap(3 * x + 1, x, 5) == 1.0  # similarity transforms keep the graph
     scrambled = x[torch.randperm(60, generator=g)]
     assert knn_overlap(scrambled, x, 5) < 0.3  # ~ k / n by chance
+
+
+def test_knn_sets_in_row_chunks_are_the_exact_neighbours_of_the_whole_matrix() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(103, 12, generator=g)
+    d = torch.cdist(x.double(), x.double())
+    d.fill_diagonal_(float("inf"))
+    whole = d.topk(5, largest=False).indices
+    for chunk in (1, 7, 50, 103, 4096):  # chunks that do / do not divide n, one larger than n
+        assert torch.equal(knn_sets(x, 5, chunk=chunk), whole)
+    assert knn_sets(x[:3], 5).shape == (3, 2)  # k capped at n - 1
 
 
 def test_knn_separation_is_the_auroc_of_distances_to_the_reference() -> None:

@@ -139,3 +139,16 @@ def test_code_version_follows_the_result_code_only(tmp_path: Path) -> None:
     (tmp_path / "flows/evaluate.py").write_text("e2\n")
     git("commit", "-qam", "evaluation")
     assert len({code_version(tmp_path), first, dirty}) == 3
+
+    # a proven result-equivalent change keeps the earlier version (chains resolve), uncommitted edits
+    # on top of it still count, and the next change of the result code gets its own version again
+    algorithm = code_version(tmp_path)
+    (tmp_path / "flows/evaluate.py").write_text("e3  # same results, less memory\n")
+    git("commit", "-qam", "memory fix")
+    fixed = code_version(tmp_path)
+    same = {fixed: algorithm, algorithm: first}
+    assert code_version(tmp_path, same) == first
+    (tmp_path / "components/m.py").write_text("a = 3\n")
+    assert code_version(tmp_path, same).startswith(first + "+")
+    git("commit", "-qam", "new algorithm")
+    assert code_version(tmp_path, same) not in (first, fixed, algorithm)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -167,8 +168,9 @@ def _embedded_defaults() -> None:
 
 
 def _stop_handler(command: str, prefect_api: object | None):
-    """The SIGINT / SIGTERM handler of a service-starting command: end the local Ray cluster (its workers
-    end the running jobs) and the Prefect API, then exit 128 + signal at once. It acts inside the handler:
+    """The SIGINT / SIGTERM handler of a service-starting command: mark the flow run and its unfinished
+    task runs ``Cancelled``, end the local Ray cluster (its workers end the running jobs) and the Prefect
+    API, then exit 128 + signal at once. It acts inside the handler:
     unwinding the flow would wait on the job threads, which wait on those workers, and Prefect would retry
     the interrupted jobs. Finished jobs are kept (atomic run folders); a rerun runs the missing ones."""
 
@@ -177,6 +179,11 @@ def _stop_handler(command: str, prefect_api: object | None):
         watchdog = threading.Timer(20, os._exit, [128 + signum])  # a shutdown that hangs ends here
         watchdog.daemon = True
         watchdog.start()
+        if "prefect" in sys.modules:  # first: a task retried as Ray's workers go would not start then
+            from flows.services import cancel_current_flow_run
+
+            name = signal.Signals(signum).name
+            cancel_current_flow_run(f"stopped by {name}; a rerun reuses every finished job")
         if "ray" in sys.modules:
             import ray
 

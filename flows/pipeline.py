@@ -57,13 +57,13 @@ def dataset_version(categories: dict[str, tuple[list[Sample], str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _key(suffix: str, artifact: str | None = None):
-    """Prefect cache key of a task by run key; with ``artifact`` (a file in the run folder) only while that
-    file exists: a cached result whose run folder was deleted or moved is recomputed, not returned."""
+def _key(suffix: str, artifact: str):
+    """Prefect cache key of a task by run key, only while ``artifact`` (a file in the run folder) exists: a
+    cached result whose run folder was deleted or moved is recomputed, not returned."""
 
     def key(context: Any, arguments: dict[str, Any]) -> str | None:
         runs = Path(arguments["params"].pipeline.runs_dir)
-        if artifact is not None and not (runs / arguments["key"] / artifact).is_file():
+        if not (runs / arguments["key"] / artifact).is_file():
             return None  # no cache key: the task runs
         return f"{arguments['key']}-{suffix}"
 
@@ -172,9 +172,12 @@ def evaluate_remotely(
     return ray.get(remote.remote(job, str(run_dir), wanted))
 
 
-@task(name="log-and-register", cache_key_fn=_key("mlflow"), persist_result=True)
+@task(name="log-and-register")
 def log_task(key: str, params: Params, category: str, evaluation: dict[str, Any]) -> dict[str, Any]:
-    """One MLflow run with params, curves, artifacts and the pyfunc model; a version with alias challenger."""
+    """One MLflow run with params, curves, artifacts and the pyfunc model; a version with alias challenger.
+
+    Not cached by Prefect: the tracking store is the record (``log_run`` finds the run key's run and version
+    there and logs nothing twice), so a new or wiped store gets the finished runs logged again."""
     from flows.tracking import log_run
 
     t0 = time.perf_counter()

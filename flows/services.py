@@ -47,6 +47,54 @@ def restore_stop_handler() -> None:
             signal.signal(sig, _STOP_HANDLER[0])
 
 
+def cancel_current_flow_run(message: str, timeout: float = 5.0) -> None:
+    """Mark the flow run this (main) thread is inside — and its unfinished task runs — ``Cancelled`` on the
+    Prefect API, so that a stopped run does not stay ``Running`` there. Called from a stop handler, which
+    exits right after: the API calls run in a thread given ``timeout`` seconds, in this thread's context
+    (the flow run and the API URL are context variables). Nothing happens outside a flow run."""
+    import contextvars
+
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    flow_run_id = context.flow_run.id
+
+    def cancel() -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterId,
+            TaskRunFilter,
+            TaskRunFilterState,
+            TaskRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+        from prefect.states import Cancelled
+
+        unfinished = [StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED]
+        with get_client(sync_client=True) as client:
+            for task_run in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                task_run_filter=TaskRunFilter(
+                    state=TaskRunFilterState(type=TaskRunFilterStateType(any_=unfinished))
+                ),
+            ):
+                client.set_task_run_state(task_run.id, Cancelled(message=message), force=True)
+            client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
+
+    context_run = contextvars.copy_context().run
+
+    def guarded() -> None:
+        with contextlib.suppress(Exception):  # the stop goes on when the API does not answer
+            context_run(cancel)
+
+    thread = threading.Thread(target=guarded, name="cancel-flow-run", daemon=True)
+    thread.start()
+    thread.join(timeout)
+
+
 def worker_env_defaults() -> None:
     """Set :data:`WORKER_ENV_DEFAULTS` where unset; call before starting a local Ray cluster."""
     for name, value in WORKER_ENV_DEFAULTS.items():

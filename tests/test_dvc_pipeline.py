@@ -92,8 +92,28 @@ def test_pipeline_rerun_with_nothing_changed_reuses_every_step(repro) -> None:
     again = run(["adaptad", "pipeline"], repo, env, 600)
     assert again.returncode == 0, again.stderr[-3000:]
     log = again.stdout + again.stderr
-    assert "Cached(type=COMPLETED)" in log and "Started a local Ray instance" not in log, log[-3000:]
+    # train and evaluate return the run folder's finished outputs: no Ray cluster, no training
+    assert "Started a local Ray instance" not in log and "deeppcb: trained" in log, log[-3000:]
     assert len(versions(repo)) == 1
+
+
+def test_a_new_tracking_store_gets_the_finished_runs_logged_without_recomputing(repro, tmp_path) -> None:
+    """The tracking store is the record of what was logged: pointed at a new (or wiped) store, the pipeline
+    reuses its trained and evaluated run folder and logs and registers it there."""
+    import mlflow
+
+    repo, env, _ = repro
+    store = tmp_path / "new-store.db"
+    again = run(["adaptad", "pipeline"], repo, env | {"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}, 600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert "Started a local Ray instance" not in log, log[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    (version,) = client.search_model_versions("name='adaptad-demo-deeppcb'")
+    (old,) = versions(repo)
+    assert version.tags["run_key"] == old.tags["run_key"]
+    assert client.get_model_version_by_alias("adaptad-demo-deeppcb", "challenger").version == version.version
+    assert len(versions(repo)) == 1  # the project's own store is untouched
 
 
 def test_bad_inputs_fail_clearly_and_register_nothing(repro, tmp_path) -> None:

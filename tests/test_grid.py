@@ -15,8 +15,10 @@ All grid runs share one process (tests/grid_runner.py), so the services start on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -256,15 +258,19 @@ def test_a_dataset_scope_method_trains_once_for_all_its_categories(setup, steps)
         assert train["run_key"] == shared
 
 
-def _service_processes(exclude: set[int]) -> list[str]:
-    """Command lines of the Ray / Prefect API processes not in ``exclude`` (pids seen before)."""
+def _service_processes(exclude: set[int], env: dict[str, str]) -> list[str]:
+    """Command lines of the Ray / Prefect API processes not in ``exclude`` (pids seen before) started with
+    ``env``'s PREFECT_HOME: ours, not those of another Ray cluster or Prefect server on the machine."""
     import psutil
 
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
-        if proc.info["pid"] not in exclude and ("ray" in cmdline or "uvicorn" in cmdline):
-            found.append(cmdline[:160])
+        if proc.info["pid"] in exclude or not ("ray" in cmdline or "uvicorn" in cmdline):
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("PREFECT_HOME") == env["PREFECT_HOME"]:
+                found.append(cmdline[:160])
     return found
 
 
@@ -278,25 +284,38 @@ def test_sigterm_stops_a_running_grid_and_every_service_it_started(setup, steps)
     overrides |= {"grid.plots_dir": out / "plots"}
     cmd = ["adaptad", "grid", "--params", str(path)]
     cmd += [arg for k, v in overrides.items() for arg in ("-S", f"{k}={v}")]
-    grid = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with (home / "stopped.log").open("w") as log:  # a file, not a pipe: the grid never blocks on output
+        grid = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while grid.poll() is None and time.monotonic() < deadline:  # until a job's Ray worker runs
-        if any(c.startswith("ray::evaluate:") for c in _service_processes(before)):
+        if any(c.startswith("ray::evaluate:") for c in _service_processes(before, env)):
             break
         time.sleep(0.2)
     assert grid.poll() is None, "the grid ended before a job ran"
     t0 = time.monotonic()
     grid.send_signal(signal.SIGTERM)
-    log, _ = grid.communicate(timeout=60)
+    grid.wait(timeout=60)
+    log = (home / "stopped.log").read_text()
     assert grid.returncode == 143, log[-3000:]  # 128 + SIGTERM
     assert time.monotonic() - t0 < 30 and "adaptad grid: stopped" in log, log[-3000:]
     for _ in range(30):  # the local Ray cluster and the Prefect API end with it
-        survivors = _service_processes(before)
+        survivors = _service_processes(before, env)
         if not survivors:
             break
         time.sleep(0.5)
     assert not survivors, survivors
     assert not (out / "leaderboard.md").exists()  # nothing written as if the grid had finished
+    # the flow run and its unfinished task runs are Cancelled on the Prefect API, not left Running
+    with contextlib.closing(sqlite3.connect(Path(env["PREFECT_HOME"]) / "prefect.db")) as db:
+        flow_run, state = db.execute("SELECT id, state_type FROM flow_run ORDER BY created DESC").fetchone()
+        unfinished = db.execute(
+            "SELECT count(*) FROM task_run WHERE flow_run_id = ? AND state_type IN (?, ?, ?)",
+            (flow_run, "RUNNING", "PENDING", "SCHEDULED"),
+        ).fetchone()[0]
+        cancelled = db.execute(
+            "SELECT count(*) FROM task_run WHERE flow_run_id = ? AND state_type = ?", (flow_run, "CANCELLED")
+        ).fetchone()[0]
+    assert state == "CANCELLED" and unfinished == 0 and cancelled >= 1, (state, unfinished, cancelled)
 
 
 def test_grid_params_errors_name_the_key(setup, tmp_path) -> None:

@@ -71,6 +71,7 @@ from flows.params import (
     run_key,
 )
 from flows.pipeline import (
+    WorkerCodeError,
     _reason,
     category_key,
     dataset_scope,
@@ -524,7 +525,7 @@ def _start_ray(attempts: int = 2) -> None:
             start_ray()
             return
         except Exception as err:
-            if attempt == attempts or os.environ.get("RAY_ADDRESS"):
+            if attempt == attempts or os.environ.get("RAY_ADDRESS") or isinstance(err, WorkerCodeError):
                 raise
             get_run_logger().warning("a local Ray did not start (%s); trying again", err)
             ray.shutdown()

@@ -31,7 +31,7 @@ from components.banks import replace_dir, write_text_atomic
 from components.data import DataError, Sample, manifest_version, read_manifest
 from components.methods import method_class
 from flows.evaluate import METRIC_KEYS, CategoryJob, evaluate_category, evaluate_in_ray_task, read_run
-from flows.params import Params, check_method, code_version, load_params, run_key
+from flows.params import RESULT_CODE, Params, check_method, code_version, load_params, run_key
 from flows.services import restore_stop_handler, worker_env_defaults
 from flows.train import TrainJob, absolute, ensure_ray, train
 
@@ -336,6 +336,45 @@ def start_ray() -> None:
         worker_env_defaults()
     ensure_ray()
     restore_stop_handler()
+    check_worker_code()
+
+
+class WorkerCodeError(RuntimeError):
+    """Ray's workers would run other result code than the code version that names the runs."""
+
+
+def check_worker_code() -> None:
+    """Fail unless Ray's workers import the same result code (RESULT_CODE, by content) as this process.
+
+    Ray puts the driver's working directory first on its workers' ``sys.path``: started from a folder that
+    holds another copy of the project (an older clone, say), the workers would train and score with that
+    copy's ``components/`` while the run keys name this process's code version. One zero-CPU task checks.
+    """
+    import ray
+
+    def digest(paths: tuple[str, ...]) -> tuple[str, str]:  # by value: no import of this module there
+        import hashlib
+        from pathlib import Path
+
+        import components
+
+        root = Path(components.__file__).resolve().parents[1]
+        h = hashlib.sha256()
+        for rel in paths:
+            for file in sorted((root / rel).glob("**/*.py")) if (root / rel).is_dir() else [root / rel]:
+                content = file.read_bytes() if file.is_file() else b"<missing>"
+                h.update(file.relative_to(root).as_posix().encode() + content)
+        return str(root), h.hexdigest()
+
+    here = digest(RESULT_CODE)
+    there = ray.get(ray.remote(num_cpus=0)(digest).remote(RESULT_CODE))
+    if there[1] != here[1]:
+        raise WorkerCodeError(
+            f"Ray's workers import the result code ({', '.join(RESULT_CODE)}) from {there[0]}, which differs "
+            f"from this process's ({here[0]}): Ray puts the working directory ({os.getcwd()}) first on its "
+            "workers' path. Run adaptad from the project folder or a folder without a copy of it (on a "
+            "cluster: install this version on every node)."
+        )
 
 
 def run_bounded(submissions: list[tuple[str, Callable[[], Any]]], concurrency: int) -> dict[str, Any]:

@@ -318,6 +318,29 @@ def test_sigterm_stops_a_running_grid_and_every_service_it_started(setup, steps)
     assert state == "CANCELLED" and unfinished == 0 and cancelled >= 1, (state, unfinished, cancelled)
 
 
+def test_a_grid_started_beside_another_copy_of_the_code_stops_before_any_job(setup, tmp_path) -> None:
+    """Ray puts the working directory first on its workers' path: started in a folder that holds another
+    components/ (an older clone), the workers would run that code under this code's run keys. Refused."""
+    import shutil
+
+    _home, path, env = setup
+    other = tmp_path / "older-clone"
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "components", other / "components", ignore=shutil.ignore_patterns("__pycache__"))
+    with (other / "components" / "monitor.py").open("a") as f:
+        f.write("# another version of the result code\n")
+    runs, out = tmp_path / "jobs", tmp_path / "grid"
+    overrides = {"grid.methods": "[gaussian]", "grid.runs_dir": runs, "grid.output": out}
+    overrides |= {"grid.metrics_file": out / "grid.json", "grid.plots_dir": out / "plots"}
+    cmd = ["adaptad", "grid", "--params", str(path)]
+    cmd += [arg for k, v in overrides.items() for arg in ("-S", f"{k}={v}")]
+    result = subprocess.run(cmd, cwd=other, env=env, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0, log[-3000:]
+    assert "Ray's workers import the result code" in log and str(other) in log, log[-3000:]
+    assert not list(runs.glob("*/evaluation/metrics.json")) and not (out / "leaderboard.md").exists()
+
+
 def test_grid_params_errors_name_the_key(setup, tmp_path) -> None:
     from flows.params import ParamsError, load_params
 

@@ -305,17 +305,15 @@ def test_sigterm_stops_a_running_grid_and_every_service_it_started(setup, steps)
         time.sleep(0.5)
     assert not survivors, survivors
     assert not (out / "leaderboard.md").exists()  # nothing written as if the grid had finished
-    # the flow run and its unfinished task runs are Cancelled on the Prefect API, not left Running
+    # the flow run and its unfinished task runs are Cancelled on the Prefect API, not left Running (the API
+    # records task runs from their events, asynchronously: those it had not recorded yet are not there)
     with contextlib.closing(sqlite3.connect(Path(env["PREFECT_HOME"]) / "prefect.db")) as db:
         flow_run, state = db.execute("SELECT id, state_type FROM flow_run ORDER BY created DESC").fetchone()
         unfinished = db.execute(
             "SELECT count(*) FROM task_run WHERE flow_run_id = ? AND state_type IN (?, ?, ?)",
             (flow_run, "RUNNING", "PENDING", "SCHEDULED"),
         ).fetchone()[0]
-        cancelled = db.execute(
-            "SELECT count(*) FROM task_run WHERE flow_run_id = ? AND state_type = ?", (flow_run, "CANCELLED")
-        ).fetchone()[0]
-    assert state == "CANCELLED" and unfinished == 0 and cancelled >= 1, (state, unfinished, cancelled)
+    assert state == "CANCELLED" and unfinished == 0, (state, unfinished)
 
 
 def test_a_grid_started_beside_another_copy_of_the_code_stops_before_any_job(setup, tmp_path) -> None:

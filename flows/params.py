@@ -290,6 +290,19 @@ def _location(error: dict[str, Any]) -> str:
     return ".".join(str(p) for p in error["loc"]) or "<root>"
 
 
+def _knobs(name: str, attempts: int = 3) -> set[str]:
+    """``method_knobs`` (which parses the method's module with ``ast``), retried on CPython 3.11's
+    "AST constructor recursion depth mismatch" SystemError: its AST recursion counter is shared between
+    threads, so a parse in another thread (Prefect's engine, in a deployment's flow run) can break ours."""
+    for attempt in range(attempts):
+        try:
+            return set(method_knobs(name))
+        except SystemError as err:
+            if "recursion depth mismatch" not in str(err) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def load_params(path: str | os.PathLike = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate ``path``; ``overrides`` maps dotted keys to values. Raises ParamsError."""
     path = Path(path)
@@ -319,11 +332,11 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS, overrides: dict[str, A
             ) from None
         raise ParamsError(f"{path}: {msg}{more}") from None
     for name, knobs in params.methods.items():
-        unknown = sorted(set(knobs) - method_knobs(name))
+        unknown = sorted(set(knobs) - _knobs(name))
         if unknown:
             raise ParamsError(
                 f"{path}: methods.{name}.{unknown[0]}: not a knob of {name} "
-                f"(knobs: {', '.join(sorted(method_knobs(name)))})"
+                f"(knobs: {', '.join(sorted(_knobs(name)))})"
             )
     return params
 

@@ -380,8 +380,9 @@ def _git(*args: str, root: Path = CODE_ROOT) -> bytes:
 
 # Committed result code that reproduces an earlier version's results byte for byte — a fix of memory use or
 # speed, a refactor — maps to that version, so the runs it finished keep their run keys. An entry is added
-# only with its proof: jobs re-run under the new code whose outputs equal the finished ones (RESULTS.md,
-# "Result-equivalent code changes"). Any later change of the result code gets a new version as usual.
+# only with its proof: jobs re-run under the new code whose outputs equal the finished ones (benchmarks/
+# RESULTS.md, "Evidence grid, Fashion-MNIST part", the paragraph on the OOM). Any later change of the result
+# code gets a new version as usual.
 SAME_RESULTS_AS: dict[str, str] = {
     # the collapse monitor's kNN sets in row chunks (O(chunk·n) memory, not n²: dataset-wide TPTL on
     # Fashion-MNIST ran out of memory); neighbours identical (tests/test_monitor.py), jobs re-run identical

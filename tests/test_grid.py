@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -337,6 +339,88 @@ def test_a_grid_started_beside_another_copy_of_the_code_stops_before_any_job(set
     assert result.returncode != 0, log[-3000:]
     assert "Ray's workers import the result code" in log and str(other) in log, log[-3000:]
     assert not list(runs.glob("*/evaluation/metrics.json")) and not (out / "leaderboard.md").exists()
+
+
+def _cluster_usage(address: str) -> dict:
+    """Ray's own accounting, read from the GCS (no driver, no dashboard): resources in use on the cluster
+    and the shapes of the tasks waiting for resources."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    status = get_cluster_status(address)
+    used: dict[str, float] = {}
+    for node in status.active_nodes + status.idle_nodes:
+        for usage in node.resource_usage.usage:
+            used[usage.resource_name] = used.get(usage.resource_name, 0.0) + usage.used
+    demands = status.resource_demands.ray_task_actor_demand
+    waiting = [(dict(b.bundle), b.count) for d in demands for b in d.bundles_by_count]
+    return {"used": used, "waiting": waiting}
+
+
+def test_gpu_jobs_are_packed_one_per_gpu_while_cpus_are_free(setup, tmp_path) -> None:
+    """A Ray head that declares 2 GPUs and 4 CPUs (Ray schedules declared GPUs like real ones; without CUDA
+    each job then runs on the CPU), a grid of 4 frozen jobs, all 4 in flight, 1 CPU each: the CPUs and the
+    grid would run 4 at once, but every evaluation asks for one GPU, so Ray runs 2 — one per GPU — and the
+    other 2 wait with CPUs free. Read off Ray's own accounting while the grid runs."""
+    import socket
+    import tempfile
+    import threading
+
+    _home, path, env = setup
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    ray_tmp = tempfile.mkdtemp(prefix="rg-", dir="/tmp")  # socket paths stay under 107 bytes
+    head_cmd = ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port)]
+    head_cmd += ["--num-cpus", "4", "--num-gpus", "2", "--include-dashboard", "false"]
+    head_cmd += ["--disable-usage-stats", "--temp-dir", ray_tmp]
+    head_log = tmp_path / "head.log"
+    with head_log.open("w") as log:
+        head = subprocess.Popen(head_cmd, env=env, stdout=log, stderr=log, start_new_session=True)
+    samples: list[dict] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.2):
+            with contextlib.suppress(Exception):  # the GCS may not answer every poll on a busy machine
+                samples.append(_cluster_usage(address))
+
+    try:
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in head_log.read_text():
+            assert head.poll() is None and time.monotonic() < deadline, head_log.read_text()[-3000:]
+            time.sleep(0.5)
+        runs, out = tmp_path / "jobs", tmp_path / "grid"
+        overrides = {"grid.concurrency": 4, "grid.cpus_per_job": 1, "grid.runs_dir": runs, "grid.output": out}
+        overrides |= {"grid.metrics_file": out / "grid.json", "grid.plots_dir": out / "plots"}
+        overrides |= {"mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+        cmd = ["adaptad", "grid", "--params", str(path)]
+        cmd += [arg for k, v in overrides.items() for arg in ("-S", f"{k}={v}")]
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        result = subprocess.run(
+            cmd, env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=900
+        )
+    finally:
+        stop.set()
+        head.send_signal(signal.SIGTERM)  # `ray start --block` shuts down exactly the node it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    records = [json.loads(p.read_text()) for p in runs.glob("*/evaluation/metrics.json")]
+    assert len(records) == 4 and {r["device"] for r in records} == {"cpu"}, log[-3000:]  # no CUDA here
+    evaluations = [  # the grid's jobs waiting for resources (check_worker_code's task asks for no CPU)
+        (bundle, count) for s in samples for bundle, count in s["waiting"] if bundle.get("CPU")
+    ]
+    assert evaluations and all(bundle == {"CPU": 1.0, "GPU": 1.0} for bundle, _ in evaluations), evaluations
+    assert max(s["used"].get("GPU", 0.0) for s in samples) == 2.0
+    busy = [s for s in samples if s["used"].get("GPU") == 2.0 and s["used"].get("CPU") == 2.0]
+    packed = [s for s in busy if any("GPU" in b for b, _ in s["waiting"])]  # jobs wait for a GPU, CPUs idle
+    assert packed, samples[-20:]
 
 
 def test_grid_params_errors_name_the_key(setup, tmp_path) -> None:

@@ -294,13 +294,13 @@ def _knobs(name: str, attempts: int = 3) -> set[str]:
     """``method_knobs`` (which parses the method's module with ``ast``), retried on CPython 3.11's
     "AST constructor recursion depth mismatch" SystemError: its AST recursion counter is shared between
     threads, so a parse in another thread (Prefect's engine, in a deployment's flow run) can break ours."""
-    for attempt in range(attempts):
+    for _ in range(attempts - 1):
         try:
             return set(method_knobs(name))
         except SystemError as err:
-            if "recursion depth mismatch" not in str(err) or attempt == attempts - 1:
+            if "recursion depth mismatch" not in str(err):
                 raise
-    raise AssertionError("unreachable")
+    return set(method_knobs(name))
 
 
 def load_params(path: str | os.PathLike = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
@@ -332,11 +332,12 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS, overrides: dict[str, A
             ) from None
         raise ParamsError(f"{path}: {msg}{more}") from None
     for name, knobs in params.methods.items():
-        unknown = sorted(set(knobs) - _knobs(name))
+        known = _knobs(name)
+        unknown = sorted(set(knobs) - known)
         if unknown:
             raise ParamsError(
                 f"{path}: methods.{name}.{unknown[0]}: not a knob of {name} "
-                f"(knobs: {', '.join(sorted(_knobs(name)))})"
+                f"(knobs: {', '.join(sorted(known))})"
             )
     return params
 

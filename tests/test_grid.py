@@ -361,14 +361,13 @@ def test_gpu_jobs_are_packed_one_per_gpu_while_cpus_are_free(setup, tmp_path) ->
     each job then runs on the CPU), a grid of 4 frozen jobs, all 4 in flight, 1 CPU each: the CPUs and the
     grid would run 4 at once, but every evaluation asks for one GPU, so Ray runs 2 — one per GPU — and the
     other 2 wait with CPUs free. Read off Ray's own accounting while the grid runs."""
-    import socket
     import tempfile
     import threading
 
+    from tests.test_tracking import free_port
+
     _home, path, env = setup
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     address = f"127.0.0.1:{port}"
     ray_tmp = tempfile.mkdtemp(prefix="rg-", dir="/tmp")  # socket paths stay under 107 bytes
     head_cmd = ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port)]
@@ -413,10 +412,9 @@ def test_gpu_jobs_are_packed_one_per_gpu_while_cpus_are_free(setup, tmp_path) ->
     assert result.returncode == 0, log[-3000:]
     records = [json.loads(p.read_text()) for p in runs.glob("*/evaluation/metrics.json")]
     assert len(records) == 4 and {r["device"] for r in records} == {"cpu"}, log[-3000:]  # no CUDA here
-    evaluations = [  # the grid's jobs waiting for resources (check_worker_code's task asks for no CPU)
-        (bundle, count) for s in samples for bundle, count in s["waiting"] if bundle.get("CPU")
-    ]
-    assert evaluations and all(bundle == {"CPU": 1.0, "GPU": 1.0} for bundle, _ in evaluations), evaluations
+    # the grid's jobs waiting for resources (check_worker_code's task asks for no CPU)
+    evaluations = [bundle for s in samples for bundle, _ in s["waiting"] if bundle.get("CPU")]
+    assert evaluations and all(bundle == {"CPU": 1.0, "GPU": 1.0} for bundle in evaluations), evaluations
     assert max(s["used"].get("GPU", 0.0) for s in samples) == 2.0
     busy = [s for s in samples if s["used"].get("GPU") == 2.0 and s["used"].get("CPU") == 2.0]
     packed = [s for s in busy if any("GPU" in b for b, _ in s["waiting"])]  # jobs wait for a GPU, CPUs idle

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from components._torchvision_compat import ensure_torchvision_importable
+from components.prefix import PrefixCache, PrefixSplit
 
 ensure_torchvision_importable()
 import logging  # noqa: E402
@@ -209,6 +210,7 @@ class FeatureExtractor(nn.Module):
         cfg = timm.data.resolve_data_config({}, model=self.model)
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self.prefix_cache: PrefixCache | None = None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B,3,H,W) in 0..255, or float in [0,1] → the model's normalised input."""
@@ -217,7 +219,28 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         # channels-last input takes oneDNN's fast convolutions on CPU (Lite0 at 256 px: 12 → 19 img/s)
-        return self.model(self.normalize(images.contiguous(memory_format=torch.channels_last)))
+        x = self.normalize(images.contiguous(memory_format=torch.channels_last))
+        cache = self.prefix_cache
+        if cache is not None and cache.split.deterministic():
+            return cache(images, x)
+        return self.model(x)
+
+    def cache_prefix(self, boundary: str, max_mb: float = 1024.0) -> str:
+        """Cache the frozen prefix up to the ``feature_info`` module ``boundary`` per image (exact speed-up
+        for methods that train only later stages on unaugmented images; components/prefix.py). Returns
+        what happened, for the run's tags: ``on`` or ``off: <why>``."""
+        try:
+            self.prefix_cache = PrefixCache(PrefixSplit(self.model, boundary), max_mb)
+        except ValueError as err:
+            self.prefix_cache = None
+            return f"off: {err}"
+        return "on"
+
+    def drop_prefix_cache(self) -> dict[str, float]:
+        """Stop caching and free the memory; returns the cache's counters (empty when there was none)."""
+        stats = self.prefix_cache.stats() if self.prefix_cache is not None else {}
+        self.prefix_cache = None
+        return stats
 
     def check_image_size(self, size: int) -> list[tuple[int, int]]:
         """Run one dry forward at ``size``; return each level's spatial shape or raise BackboneError."""

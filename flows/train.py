@@ -138,10 +138,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         progress["resumed_from_epoch"] = progress["epoch"]
     else:
         t_begin = time.perf_counter()
-        progress["tags"] = method.begin_training(loader(fit, size, bs, nw), val_loader)
-        if monitor is not None:
-            first = monitor.begin(method.monitor_features, loader(fit, size, bs, nw), val_loader)
-            progress["monitor"] = [{"epoch": 0, **first.metrics}]
+        with method.sharing_monitor_features():  # the pretrained features once for method and monitor
+            progress["tags"] = method.begin_training(loader(fit, size, bs, nw), val_loader)
+            if monitor is not None:
+                first = monitor.begin(method.monitor_features, loader(fit, size, bs, nw), val_loader)
+                progress["monitor"] = [{"epoch": 0, **first.metrics}]
         progress["begin_seconds"] = time.perf_counter() - t_begin
 
     model = ray.train.torch.prepare_model(method.trainable())
@@ -154,6 +155,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
     )
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    method.plan_epochs(len(train_loader))
 
     def report(final: bool) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -181,23 +183,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 torch.nn.utils.clip_grad_norm_(params, method.max_grad_norm)
             optimizer.step()
             total, batches = total + float(loss.detach()), batches + 1
-        report_ = method.end_epoch(epoch, val_loader)
-        row = {
-            "epoch": epoch,
-            "loss": _mean_over_ranks(total / max(batches, 1)),
-            "epoch_seconds": time.perf_counter() - t0,
-            **report_.metrics,
-        }
+        train_seconds = time.perf_counter() - t0
         collapsed = False
-        if monitor is not None:
-            t_watch = time.perf_counter()
-            watch = monitor.measure(method.monitor_features, val_loader)
-            row |= {f"monitor/{k}": v for k, v in watch.metrics.items()}
-            row["monitor_seconds"] = time.perf_counter() - t_watch
-            progress["monitor"].append({"epoch": epoch, **watch.metrics})
-            collapsed = _any_rank(watch.collapsed)
-            if collapsed:
-                progress["collapsed"] = {"epoch": epoch, "reason": watch.reason or "collapse on another rank"}
+        with method.sharing_monitor_features():  # validation and monitor: one forward of the slice
+            report_ = method.end_epoch(epoch, val_loader)
+            row = {
+                "epoch": epoch,
+                "loss": _mean_over_ranks(total / max(batches, 1)),
+                "epoch_seconds": time.perf_counter() - t0,
+                "train_seconds": train_seconds,
+                **report_.metrics,
+            }
+            if monitor is not None:
+                t_watch = time.perf_counter()
+                watch = monitor.measure(method.monitor_features, val_loader)
+                row |= {f"monitor/{k}": v for k, v in watch.metrics.items()}
+                row["monitor_seconds"] = time.perf_counter() - t_watch
+                progress["monitor"].append({"epoch": epoch, **watch.metrics})
+                collapsed = _any_rank(watch.collapsed)
+                if collapsed:
+                    reason = watch.reason or "collapse on another rank"
+                    progress["collapsed"] = {"epoch": epoch, "reason": reason}
         progress["history"].append(row)
         progress["epoch"] = epoch
         stop = _any_rank(report_.stop) or collapsed

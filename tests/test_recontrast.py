@@ -172,6 +172,22 @@ def test_alpha_ramps_from_minus_3_to_plus_1_over_the_first_tenth(kolektor) -> No
     assert m.iteration == 20 and m.alpha == 1.0
 
 
+def test_steps_schedule_whole_epochs_that_hold_them_and_ramp_over_the_steps(kolektor) -> None:
+    """The paper counts optimizer steps (2000 at batch 16): a small set gets more epochs, not fewer steps."""
+    m = recontrast(epochs=4, steps=25, **SMALL)
+    m.plan_epochs(3)  # 3 steps an epoch (a 48-image fit split at batch 16): 9 epochs hold 25 steps
+    assert m.epochs == 9
+    m.begin_epoch(1, 3)
+    assert m.total_steps == 25
+    m.iteration = 2  # 2 of the 2.5 ramp steps (10 % of 25)
+    assert m.alpha == pytest.approx(-3.0 + 4.0 * 2 / 2.5)
+    plain = recontrast(epochs=4, **SMALL)
+    plain.plan_epochs(3)  # no steps: the epoch count stands
+    assert plain.epochs == 4
+    with pytest.raises(ValueError, match="steps"):
+        recontrast(steps=0, **SMALL)
+
+
 def test_hard_mining_scales_the_gradient_of_easy_points(kolektor) -> None:
     m = recontrast(epochs=1, **SMALL)
     m.train_mode()

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from components.backbones import FeatureExtractor
 from components.banks import replace_dir
+from components.prefix import image_key
 from components.specs import MethodSpec
 
 SAVE_FORMAT = "adaptad-method/1"
@@ -108,6 +109,10 @@ class AnomalyMethod(ABC):
         """Loss of one batch; ``model`` is :meth:`trainable` as wrapped by the training loop."""
         raise NotImplementedError(f"{self.name} is a frozen-feature method: it has no training step")
 
+    def plan_epochs(self, steps_per_epoch: int) -> None:  # noqa: B027 (optional hook)
+        """Called once before the first epoch with this worker's optimizer steps per epoch (a method whose
+        schedule is counted in steps sets ``epochs`` from it)."""
+
     def begin_epoch(self, epoch: int, steps: int) -> None:  # noqa: B027 (optional hook)
         """Called before ``epoch`` (1-based) with the optimizer steps this worker will take in it."""
 
@@ -172,11 +177,32 @@ class AnomalyMethod(ABC):
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.extractor(images.to(self.device, non_blocking=True))
 
+    #: batch digest → monitor features, while :meth:`sharing_monitor_features` is active
+    _monitor_memo: dict[bytes, torch.Tensor] | None = None
+
+    @contextmanager
+    def sharing_monitor_features(self) -> Iterator[None]:
+        """Inside the block, :meth:`monitor_features` of a batch it has seen returns the features it
+        computed then (exact while the weights do not change: validation and the collapse monitor score
+        the same slice after an epoch with one forward pass instead of two)."""
+        self._monitor_memo = {}
+        try:
+            yield
+        finally:
+            self._monitor_memo = None
+
     @torch.no_grad()
     def monitor_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, D) image representation the collapse monitor watches: the pooled last level, eval mode."""
+        memo = self._monitor_memo
+        key = image_key(images) if memo is not None else b""
+        if memo is not None and key in memo:
+            return memo[key]
         with evaluating(self.extractor):
-            return pooled(self.extractor(images.to(self.device))[-1]).float()
+            out = pooled(self.extractor(images.to(self.device))[-1]).float()
+        if memo is not None:
+            memo[key] = out
+        return out
 
     def batches(self, loader: Iterable[dict], desc: str) -> Iterator[tuple[dict, list[torch.Tensor]]]:
         """Yield (batch, feature levels) over ``loader`` with a progress bar."""

@@ -36,21 +36,26 @@ from components.methods.knn import DN2
 from components.metrics import validation_auroc
 
 
+def frozen_end(extractor: nn.Module, trainable_stages: int) -> str:
+    """The ``feature_info`` module ending the last frozen stage when the last ``trainable_stages`` train."""
+    stages = [info["module"] for info in extractor.model.feature_info.info]
+    if not 1 <= trainable_stages < len(stages):
+        raise ValueError(f"panda trainable_stages={trainable_stages}: must be in 1..{len(stages) - 1}")
+    return stages[-trainable_stages - 1]
+
+
 def stage_boundary(extractor: nn.Module, trainable_stages: int) -> list[str]:
     """Names of the parameters of the last ``trainable_stages`` backbone stages (in forward order)."""
     model = extractor.model
-    stages = [info["module"] for info in model.feature_info.info]
-    if not 1 <= trainable_stages < len(stages):
-        raise ValueError(f"panda trainable_stages={trainable_stages}: must be in 1..{len(stages) - 1}")
-    frozen_end = stages[-trainable_stages - 1]  # last module of the last frozen stage
+    frozen_end_ = frozen_end(extractor, trainable_stages)
     names = [n for n, _ in model.named_parameters()]
-    candidates = {frozen_end, frozen_end.replace(".", "_")}
+    candidates = {frozen_end_, frozen_end_.replace(".", "_")}
     last_frozen = max(
         (i for i, n in enumerate(names) if any(n.startswith(c + ".") for c in candidates)), default=None
     )
     if last_frozen is None:
         raise BackboneError(
-            f"panda: cannot locate stage module {frozen_end!r} among the backbone's parameters"
+            f"panda: cannot locate stage module {frozen_end_!r} among the backbone's parameters"
         )
     return names[last_frozen + 1 :]
 
@@ -95,6 +100,7 @@ class PANDA(DN2):
         early_stopping: bool = True,
         patience: int = 3,
         reference_images: int = 64,
+        cache_frozen: bool = True,
         **kwargs,
     ):
         super().__init__(extractor, image_size, k=k, gallery=gallery, **kwargs)
@@ -114,6 +120,7 @@ class PANDA(DN2):
         )
         self.early_stopping, self.patience, self.reference_images = early_stopping, patience, reference_images
         self.trainable_names = stage_boundary(extractor, trainable_stages)
+        self.frozen_end, self.cache_frozen = frozen_end(extractor, trainable_stages), cache_frozen
         params = dict(extractor.model.named_parameters())
         for name, p in params.items():
             p.requires_grad_(name in self.trainable_names)
@@ -138,7 +145,14 @@ class PANDA(DN2):
     def train_mode(self) -> None:
         train_with_frozen_batchnorm(self.extractor)
 
+    def _cache_frozen_stages(self) -> str:
+        """Run the frozen stages once per image (exact: frozen, BatchNorm in eval, no augmentation)."""
+        if not self.cache_frozen:
+            return "off: cache_frozen=False"
+        return self.extractor.cache_prefix(self.frozen_end)
+
     def begin_training(self, train: Iterable[dict], validation: Iterable[dict]) -> dict[str, str]:
+        prefix_cache = self._cache_frozen_stages()
         feats, reference = [], []
         kept = 0
         for batch in train:
@@ -150,7 +164,11 @@ class PANDA(DN2):
         self.center = torch.cat(feats).mean(0)
         self.reference = torch.cat(reference)
         self.theta0 = {n: p.detach().cpu().clone() for n, p in self._params.items()}
-        tags = {"panda.center_images": str(sum(len(f) for f in feats)), "panda.regulariser": "early_stopping"}
+        tags = {
+            "panda.center_images": str(sum(len(f) for f in feats)),
+            "panda.regulariser": "early_stopping",
+            "panda.prefix_cache": prefix_cache,
+        }
         if self.ewc:
             self.fisher, how = self._load_or_estimate_fisher(train)
             tags |= {"panda.regulariser": "ewc", "panda.fisher": how}
@@ -253,6 +271,7 @@ class PANDA(DN2):
             with torch.no_grad():
                 for n, p in self._params.items():
                     p.copy_(self.best_weights[n].to(p.device))
+        self.extractor.drop_prefix_cache()
         self.extractor.eval()
 
     def state_dict(self) -> dict[str, Any]:
@@ -266,6 +285,7 @@ class PANDA(DN2):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._cache_frozen_stages()
         self.center, self.reference = state["center"], state["reference"]
         self.theta0, self.fisher = state["theta0"], state["fisher"]
         self.best, self.best_weights = dict(state["best"]), state["best_weights"]
@@ -360,6 +380,7 @@ class PANDAOE(PANDA):
         return torch.cat(out)
 
     def begin_training(self, train: Iterable[dict], validation: Iterable[dict]) -> dict[str, str]:
+        prefix_cache = self._cache_frozen_stages()
         self._outlier_batches = self._outlier_stream()
         self._take_outliers(1)  # fail now on a bad folder, not in the first step
         self.theta0 = {n: p.detach().cpu().clone() for n, p in self._params.items()}
@@ -370,6 +391,7 @@ class PANDAOE(PANDA):
             "panda_oe.outliers": f"{self.outliers} ({self.outlier_count} images)",
             "panda.regulariser": "outlier_exposure",
             "panda.val_auroc_pretrained": f"{auroc:.4f}",
+            "panda.prefix_cache": prefix_cache,
         }
 
     def training_loss(self, batch: dict, model: nn.Module) -> torch.Tensor:
@@ -403,6 +425,7 @@ class PANDAOE(PANDA):
         return {"theta0": self.theta0, "best": dict(self.best), "best_weights": self.best_weights}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._cache_frozen_stages()
         self.theta0, self.best = state["theta0"], dict(state["best"])
         self.best_weights = state["best_weights"]
         self._outlier_batches = self._outlier_stream()

@@ -29,11 +29,11 @@ As the paper and its official code (github.com/guojiajeremy/ReContrast) define i
   bilinearly (``align_corners=True``, as the official ``cal_anomaly_map``) to the input size, Gaussian
   σ = 4; image score = the map's maximum. There is no memory bank: ``fit`` builds nothing.
 
-Knobs (defaults = the official code): ``epochs`` (160), ``lr`` (2e-3, bottleneck + decoder),
-``encoder_lr`` (1e-5), ``weight_decay`` (1e-5), ``betas`` ((0.9, 0.999)), ``max_grad_norm`` (None, as
-the official code), ``alpha_start`` / ``alpha_end`` / ``ramp`` (−3, 1, 0.1), ``factor`` (0),
-``encoder_bn`` ("eval"), ``select`` ("last"), ``bottleneck_blocks`` (3), ``decoder_blocks`` ((3, 4, 6)),
-``sigma`` (4).
+Knobs (defaults = the official code): ``epochs`` (160), ``steps`` (null: ``epochs`` counts),
+``lr`` (2e-3, bottleneck + decoder), ``encoder_lr`` (1e-5), ``weight_decay`` (1e-5), ``betas``
+((0.9, 0.999)), ``max_grad_norm`` (None, as the official code), ``alpha_start`` / ``alpha_end`` /
+``ramp`` (−3, 1, 0.1), ``factor`` (0), ``encoder_bn`` ("eval"), ``select`` ("last"),
+``bottleneck_blocks`` (3), ``decoder_blocks`` ((3, 4, 6)), ``sigma`` (4).
 
 Deviations (each a knob, or a consequence of the project's contracts):
 
@@ -51,8 +51,11 @@ Deviations (each a knob, or a consequence of the project's contracts):
   split. ``"last"`` (default) keeps the last epoch (the official "last" numbers); ``"validation"`` keeps
   the epoch whose validation AUROC (held-out normal images vs. synthetic anomalies, image score = map
   maximum) is best.
-- ``epochs``: whole epochs instead of 2000 iterations (the generic loop cannot stop mid-epoch); the α ramp
-  covers ``ramp`` × epochs × steps-per-epoch iterations, counted from the loop's ``begin_epoch`` hook.
+- ``steps`` (the paper's unit: 2000 optimizer steps at batch 16, whatever the set's size) or, when it is
+  null, ``epochs``: the generic loop runs whole epochs, so ``steps`` trains ⌈steps / steps per epoch⌉ of
+  them (``plan_epochs``), up to one epoch's steps more than asked; the α ramp covers ``ramp`` × ``steps``
+  (or × epochs × steps per epoch) iterations, counted from the loop's ``begin_epoch`` hook. A fixed epoch
+  count starves small sets: 4 epochs of a 54-image fit split are 14 steps.
 - ``bottleneck_blocks`` (3) and ``decoder_blocks`` ((3, 4, 6), deep → shallow) are WRN-50's block counts
   as in the official code; smaller values only for CPU budgets.
 - Image sizes that are not a multiple of the deepest stride × 2 give odd feature maps; the bottleneck and
@@ -295,6 +298,7 @@ class ReContrast(AnomalyMethod):
         extractor: FeatureExtractor,
         image_size: int,
         epochs: int = 160,
+        steps: int | None = None,
         lr: float = 2e-3,
         encoder_lr: float = 1e-5,
         weight_decay: float = 1e-5,
@@ -312,6 +316,12 @@ class ReContrast(AnomalyMethod):
     ) -> None:
         super().__init__(extractor, image_size, **kwargs)
         _check(isinstance(epochs, int) and epochs >= 1, "epochs", epochs, "must be an integer ≥ 1")
+        _check(
+            steps is None or (isinstance(steps, int) and steps >= 1),
+            "steps",
+            steps,
+            "must be an integer ≥ 1 or null",
+        )
         _check(lr > 0, "lr", lr, "must be > 0")
         _check(encoder_lr >= 0, "encoder_lr", encoder_lr, "must be ≥ 0")
         _check(weight_decay >= 0, "weight_decay", weight_decay, "must be ≥ 0")
@@ -352,6 +362,7 @@ class ReContrast(AnomalyMethod):
             "ReContrast needs three feature stages",
         )
         self.epochs, self.lr, self.encoder_lr, self.weight_decay = epochs, lr, encoder_lr, weight_decay
+        self.steps = steps
         self.betas = (float(betas[0]), float(betas[1]))
         self.max_grad_norm = max_grad_norm
         self.encoder_bn, self.select = encoder_bn, select
@@ -437,9 +448,16 @@ class ReContrast(AnomalyMethod):
             ),
         }
 
+    def plan_epochs(self, steps_per_epoch: int) -> None:
+        """With ``steps`` set (the paper's unit: 2000 at batch 16, whatever the set's size), train the whole
+        epochs that hold them: ⌈steps / steps_per_epoch⌉."""
+        if self.steps is not None:
+            self.epochs = max(1, math.ceil(self.steps / max(steps_per_epoch, 1)))
+
     def begin_epoch(self, epoch: int, steps: int) -> None:
-        """Know the schedule: ``epochs`` × ``steps`` iterations in all; ``epoch`` (1-based) starts now."""
-        self.total_steps = self.epochs * steps
+        """Know the schedule: ``steps`` iterations in all when set, else ``epochs`` × ``steps`` (this epoch's
+        steps); ``epoch`` (1-based) starts now."""
+        self.total_steps = self.steps if self.steps is not None else self.epochs * steps
         self.iteration = (epoch - 1) * steps
 
     @property

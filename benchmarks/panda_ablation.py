@@ -17,6 +17,7 @@ Variants (``--variants``), each a change from ``paper``:
   bs16    batch 16
   lr1e-1  lr 0.1
   stage1  only the last stage (and the head) trains
+Variants compose with ``+``: ``stage+nowd`` is ``stage`` with weight decay 0.
 
     .venv/bin/python benchmarks/panda_ablation.py --classes shirt t_shirt_top pullover --variants paper stage
 """
@@ -101,7 +102,9 @@ def knn_auroc(train: torch.Tensor, test: torch.Tensor, labels: np.ndarray, k: in
 
 
 def run(cls: str, variant: str, args) -> dict:
-    cfg = BASE | VARIANTS[variant]
+    cfg = dict(BASE)
+    for part in variant.split("+"):
+        cfg |= VARIANTS[part]
     torch.manual_seed(0)
     samples = oneclass_category("fashion_mnist", args.root, cls, limit_test=args.limit_test)
     train = [s for s in samples if s.split == "train"][: args.limit_train]
@@ -159,7 +162,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--classes", nargs="+", default=["shirt", "t_shirt_top", "pullover"])
-    p.add_argument("--variants", nargs="+", default=["paper", "stage"], choices=sorted(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["paper", "stage"], help=f"of {sorted(VARIANTS)}, or a+b")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--eval-epochs", type=int, nargs="+", default=[1, 3, 7, 15])
@@ -168,6 +171,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", type=Path, default=None, help="append JSON lines here")
     args = p.parse_args()
+    unknown = {part for v in args.variants for part in v.split("+")} - VARIANTS.keys()
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; known: {sorted(VARIANTS)}")
     torch.set_num_threads(args.threads)
     for cls in args.classes:
         for variant in args.variants:

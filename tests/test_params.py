@@ -103,6 +103,19 @@ def test_run_key_changes_with_what_matters_only() -> None:
     assert run_key(same, "deeppcb", "data-v1", code="c1") == base
 
 
+def test_a_method_revision_enters_that_methods_run_keys_only(monkeypatch) -> None:
+    """METHOD_REVISIONS retires one method's runs under a code version mapped as result-equivalent."""
+    import flows.params as fp
+
+    panda = load_params(PARAMS, {"method": "panda"})
+    dn2 = load_params(PARAMS, {"method": "dn2"})
+    monkeypatch.setattr(fp, "METHOD_REVISIONS", {})
+    before = run_key(panda, "deeppcb", "data-v1", code="c1"), run_key(dn2, "deeppcb", "data-v1", code="c1")
+    monkeypatch.setattr(fp, "METHOD_REVISIONS", {"panda": 1})
+    assert run_key(panda, "deeppcb", "data-v1", code="c1") != before[0]
+    assert run_key(dn2, "deeppcb", "data-v1", code="c1") == before[1]
+
+
 def test_code_version_follows_the_result_code_only(tmp_path: Path) -> None:
     """Commits that touch only orchestration or docs keep the code version (finished runs stay reusable);
     a change to components/, flows/train.py or flows/evaluate.py — committed or not — changes it."""

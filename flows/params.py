@@ -393,6 +393,9 @@ SAME_RESULTS_AS: dict[str, str] = {
     # train from the cached prefix, computed at another batch composition: their floats differ in the 7th
     # digit, so they get a new result revision (METHOD_REVISIONS) and re-run.
     "code-23f225ae3e33afad": "code-b469b7027ce0bae9",
+    # PANDA's run tag panda.regulariser names what regularises (ewc, early_stopping, both, or
+    # fixed_epochs:N) — tags only; kolektorsdd's gaussian_ft job re-ran byte-identical under it
+    "code-83876064a5283137": "code-b469b7027ce0bae9",
 }
 
 # A method whose results changed under a code version that SAME_RESULTS_AS maps to an earlier one (the

@@ -76,6 +76,7 @@ def test_ewc_penalty_is_zero_at_the_pretrained_weights_and_grows_away_from_them(
     m = panda(epochs=1, ewc=True, fisher_images=3)
     tags = m.begin_training(loader(fit, SIZE, 7, 0), loader(validation, SIZE, 8, 0))
     assert tags["panda.fisher"] == "estimated:pretrained-predictive:3-images"
+    assert tags["panda.regulariser"] == "ewc+early_stopping"  # both on: the tag names both
     assert set(m.fisher) == set(m.trainable_names)
     assert all((f >= 0).all() for f in m.fisher.values()) and any(f.sum() > 0 for f in m.fisher.values())
     batch = next(iter(loader(fit, SIZE, 4, 0)))
@@ -104,7 +105,13 @@ def test_ewc_penalty_is_zero_at_the_pretrained_weights_and_grows_away_from_them(
 def test_early_stopping_keeps_the_best_epoch_and_restores_it(kolektor) -> None:
     fit, validation = kolektor
     m = panda(epochs=3, lr=0.5, max_grad_norm=None, patience=1)
-    m.begin_training(loader(fit, SIZE, 7, 0), loader(validation, SIZE, 8, 0))
+    assert m.begin_training(loader(fit, SIZE, 7, 0), loader(validation, SIZE, 8, 0))["panda.regulariser"] == (
+        "early_stopping"
+    )
+    fixed = panda(epochs=3, early_stopping=False).begin_training(
+        loader(fit, SIZE, 7, 0), loader(validation, SIZE, 8, 0)
+    )
+    assert fixed["panda.regulariser"] == "fixed_epochs:3"  # the paper's protocol: neither regulariser
     best0 = m.best["auroc"]
     m.best["auroc"] = 2.0  # no epoch can beat this: the pretrained weights must come back
     opt = m.make_optimizer()

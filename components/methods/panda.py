@@ -166,12 +166,15 @@ class PANDA(DN2):
         self.theta0 = {n: p.detach().cpu().clone() for n, p in self._params.items()}
         tags = {
             "panda.center_images": str(sum(len(f) for f in feats)),
-            "panda.regulariser": "early_stopping",
+            "panda.regulariser": "+".join(
+                name for name, on in (("ewc", self.ewc), ("early_stopping", self.early_stopping)) if on
+            )
+            or f"fixed_epochs:{self.epochs}",
             "panda.prefix_cache": prefix_cache,
         }
         if self.ewc:
             self.fisher, how = self._load_or_estimate_fisher(train)
-            tags |= {"panda.regulariser": "ewc", "panda.fisher": how}
+            tags["panda.fisher"] = how
         auroc = self.validation_auroc(validation)
         self.best = {"auroc": auroc, "epoch": 0, "bad_epochs": 0}
         self.best_weights = {n: t.clone() for n, t in self.theta0.items()}

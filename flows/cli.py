@@ -206,7 +206,10 @@ def pipeline_command(args: argparse.Namespace) -> int:
     _embedded_defaults()
     prefect_api = None
     if args.command in ("pipeline", "promote") or (args.command == "grid" and not args.dry_run):
+        from flows.reaper import start_reaper
         from flows.services import PrefectAPIStarter, install_stop_handler
+
+        start_reaper()  # whatever ends this process (SIGKILL, OOM), what it starts ends with it
 
         prefect_api = PrefectAPIStarter()  # comes up while the imports and checks below run
         install_stop_handler(_stop_handler(args.command, prefect_api))

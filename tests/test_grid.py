@@ -318,6 +318,46 @@ def test_sigterm_stops_a_running_grid_and_every_service_it_started(setup, steps)
     assert state == "CANCELLED" and unfinished == 0, (state, unfinished)
 
 
+def test_sigkill_of_the_grid_leaves_none_of_its_processes(setup) -> None:
+    """SIGKILL (or the OOM killer) runs no handler: the reaper (flows/reaper.py) ends the Prefect API and
+    every Ray process the killed driver had started, its agents included."""
+    import psutil
+
+    home, path, env = setup
+    before = {p.pid for p in psutil.process_iter()}
+    out = home / "killed"
+    overrides = {"grid.methods": "[dn2]", "grid.output": out, "grid.metrics_file": out / "grid.json"}
+    overrides |= {"grid.plots_dir": out / "plots", "grid.runs_dir": home / "killed-jobs"}
+    cmd = ["adaptad", "grid", "--params", str(path)]
+    cmd += [arg for k, v in overrides.items() for arg in ("-S", f"{k}={v}")]
+    with (home / "killed.log").open("w") as log:
+        grid = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    started: list[psutil.Process] = []
+    while grid.poll() is None and time.monotonic() < deadline:  # until a job's Ray worker runs
+        with contextlib.suppress(psutil.Error):
+            started = psutil.Process(grid.pid).children(recursive=True)
+        if any(c.startswith("ray::evaluate:") for c in _service_processes(before, env)):
+            break
+        time.sleep(0.2)
+    assert grid.poll() is None, "the grid ended before a job ran"
+    with contextlib.suppress(psutil.Error):
+        started = psutil.Process(grid.pid).children(recursive=True)
+    names = {p.name() for p in started if p.is_running()}
+    assert any("raylet" in n for n in names) and len(started) > 3, names  # Ray and the API were up
+    grid.send_signal(signal.SIGKILL)
+    grid.wait(timeout=10)
+    for _ in range(60):  # the reaper waits 5 s for a normal shutdown, then ends the rest
+        survivors = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not survivors and not _service_processes(before, env):
+            break
+        time.sleep(0.5)
+    assert not survivors and not _service_processes(before, env), (
+        [p.cmdline()[:3] for p in survivors if p.is_running()],
+        _service_processes(before, env),
+    )
+
+
 def test_a_grid_started_beside_another_copy_of_the_code_stops_before_any_job(setup, tmp_path) -> None:
     """Ray puts the working directory first on its workers' path: started in a folder that holds another
     components/ (an older clone), the workers would run that code under this code's run keys. Refused."""

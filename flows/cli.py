@@ -164,7 +164,22 @@ def _embedded_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster on this machine only
+        embedded_ray_token()
+
+
+def embedded_ray_token() -> None:
+    """Token authentication for the local Ray cluster this process starts: its GCS and raylet listen on
+    every interface (infra/README.md), so without a token anyone who reaches the ports could run code.
+    Unless the user chose (``RAY_AUTH_MODE`` set, or a token of their own in ``RAY_AUTH_TOKEN`` /
+    ``RAY_AUTH_TOKEN_PATH``), the cluster gets a fresh random token that lives only in this process's
+    environment and that of the Ray processes it starts (owner-readable), never on disk."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        import secrets
+
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def _stop_handler(command: str, prefect_api: object | None):

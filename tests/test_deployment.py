@@ -49,7 +49,9 @@ def services(tmp_path):
         )
 
 
-def test_deployment_run_completes_on_the_demo(services) -> None:
+def test_deployment_run_completes_on_the_demo(services, monkeypatch) -> None:
+    """Against the authenticated servers (services.sh's default): the clients' secrets come from the env
+    file alone; the pipeline registers its model and promote aliases it."""
     repo, env, env_file = services
     run_params = json.dumps({"overrides": OVERRIDES})
     script = f"""
@@ -71,6 +73,14 @@ def test_deployment_run_completes_on_the_demo(services) -> None:
     assert uri.startswith("http://127.0.0.1:")
     import mlflow
 
+    exported = dict(
+        line[len("export ") :].split("=", 1)
+        for line in env_file.read_text().splitlines()
+        if line.startswith("export ")
+    )
+    assert exported["RAY_AUTH_MODE"] == "token" and exported["PREFECT_API_AUTH_STRING"]
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, exported[name])
     client = mlflow.MlflowClient(tracking_uri=uri)
     (version,) = client.search_model_versions("name='adaptad-demo-deeppcb'")
     assert version.tags["method"] == "panda"

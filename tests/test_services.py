@@ -77,7 +77,6 @@ def services(tmp_path: Path):
         RAY_PORT=str(ray_port),
         RAY_DASHBOARD_PORT=str(dashboard_port),
         RAY_NUM_CPUS="1",
-        RAY_AUTH_MODE="disabled",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         MLFLOW_DISABLE_TELEMETRY="true",
         DVC_NO_ANALYTICS="1",
@@ -120,7 +119,16 @@ def test_services_start_use_stop(services) -> None:
     assert f"export PREFECT_API_URL=http://127.0.0.1:{ports['prefect']}/api" in exported
     assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{ports['mlflow']}" in exported
     assert f"export RAY_ADDRESS=127.0.0.1:{ports['ray']}" in exported
-    assert "export RAY_AUTH_MODE=disabled" in exported
+    assert "export RAY_AUTH_MODE=token" in exported
+    secrets = state / "secrets"
+    for path in (env_file, secrets, *secrets.iterdir(), state / "mlflow" / "auth.ini"):
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+    creds = dict(
+        line[len("export ") :].split("=", 1) for line in exported.splitlines() if line.startswith("export ")
+    )
+    assert creds["RAY_AUTH_TOKEN_PATH"] == str(secrets / "ray_token")
+    assert creds["PREFECT_API_AUTH_STRING"].startswith("adaptad:") and creds["MLFLOW_TRACKING_USERNAME"]
+    refusals(env, ports, creds)
 
     # The env file alone points the clients at the servers: no address is passed in code.
     bare = {k: v for k, v in env.items() if not k.endswith("_PORT")} | {"COLUMNS": "250"}  # rich tables
@@ -161,6 +169,63 @@ print("artifact_uri", run.info.artifact_uri)
     status = run(env, "bash", str(SCRIPT), "status")
     assert status.returncode == 3 and "running (pid" not in status.stdout, status.stdout
     print(f"start {t_start:.1f} s, stop {t_stop:.1f} s")
+
+
+def _status(url: str, auth: tuple[str, str] | None = None, body: bytes | None = None) -> int:
+    """HTTP status of a GET (or a JSON POST with ``body``), with basic auth when given."""
+    import base64
+    import urllib.error
+
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    if auth:
+        token = base64.b64encode(":".join(auth).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+RAY_CLIENT = """
+import sys, ray
+try:
+    ray.init(address=sys.argv[1], log_to_driver=False)
+    print("CPU", ray.cluster_resources().get("CPU"))
+except Exception as err:
+    print("REFUSED", type(err).__name__)
+"""
+
+
+def refusals(env: dict, ports: dict, creds: dict) -> None:
+    """Each server refuses a client without its credentials and answers one with them."""
+    prefect = f"http://127.0.0.1:{ports['prefect']}/api/flows/filter"
+    assert _status(prefect, body=b"{}") == 401
+    assert _status(prefect, ("adaptad", "wrong"), body=b"{}") == 401
+    assert _status(prefect, tuple(creds["PREFECT_API_AUTH_STRING"].split(":", 1)), body=b"{}") == 200
+    mlflow = f"http://127.0.0.1:{ports['mlflow']}/api/2.0/mlflow/registered-models/search"
+    assert _status(mlflow) == 401
+    assert _status(mlflow, ("adaptad", "wrong")) == 401
+    assert _status(mlflow, (creds["MLFLOW_TRACKING_USERNAME"], creds["MLFLOW_TRACKING_PASSWORD"])) == 200
+    address = f"127.0.0.1:{ports['ray']}"
+    bare = {k: v for k, v in env.items() if not k.startswith("RAY_")} | {"RAY_TMPDIR": creds["RAY_TMPDIR"]}
+    for extra, want in (
+        ({"RAY_AUTH_MODE": "disabled"}, "REFUSED"),
+        ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, "REFUSED"),
+        ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": creds["RAY_AUTH_TOKEN_PATH"]}, "CPU"),
+    ):
+        out = run(bare | extra, str(BIN / "python"), "-c", RAY_CLIENT, address, timeout=120)
+        assert out.stdout.strip().startswith(want), (extra, out.stdout[-500:], out.stderr[-1500:])
+
+
+def test_start_refuses_to_expose_services_without_auth(tmp_path: Path) -> None:
+    env = dict(os.environ, ADAPTAD_SERVICES_DIR=str(tmp_path / "s"), ADAPTAD_SERVICES_AUTH="off")
+    env |= {"ADAPTAD_SERVICES_HOST": "0.0.0.0"}
+    result = run(env, "bash", str(SCRIPT), "start", timeout=60)
+    assert result.returncode == 1
+    assert "refusing to bind Prefect and MLflow to 0.0.0.0 without authentication" in result.stderr
+    assert "Unset ADAPTAD_SERVICES_AUTH" in result.stderr, result.stderr
+    assert not (tmp_path / "s" / "pids").exists()  # nothing was started
 
 
 def test_start_refuses_a_taken_port(tmp_path: Path) -> None:

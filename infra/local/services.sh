@@ -13,6 +13,10 @@
 #   PREFECT_PORT 4200 · MLFLOW_PORT 5000 · RAY_PORT 6379 · RAY_DASHBOARD_PORT 8265
 #   RAY_NUM_CPUS          CPUs the Ray head offers (default: all)
 #   ADAPTAD_WORK_POOL     Prefect work pool name (default adaptad-process)
+#   ADAPTAD_SERVICES_AUTH on (default): Ray token auth, MLflow's basic-auth app, Prefect's API auth
+#                         string, secrets generated into <state>/secrets (owner-only) and exported by
+#                         <state>/env; off: Prefect and MLflow without auth, refused unless the bind
+#                         address is loopback (Ray keeps its token: its ports listen on every interface)
 #
 # Every service runs in its own session (setsid) from the repo's .venv (else from PATH); `stop` signals
 # exactly those sessions. It never runs `ray stop`: that stops every Ray process of the user on the
@@ -44,6 +48,7 @@ STATE=${STATE%/}
 PIDS=$STATE/pids
 LOGS=$STATE/logs
 CONF=$STATE/services.conf
+SECRETS=$STATE/secrets
 SERVICES=(prefect-server mlflow ray prefect-worker) # start order; stop runs it backwards
 
 tool() { # tool NAME: the venv's executable, else the one on PATH
@@ -55,6 +60,16 @@ tool() { # tool NAME: the venv's executable, else the one on PATH
         die "'$1' not found in $REPO/.venv/bin nor on PATH (run: bash infra/local/setup.sh)"
     fi
 }
+
+secret() { # secret NAME: this state's secret NAME (64 hex characters), made on first use, owner-only
+    local f=$SECRETS/$1
+    if [ ! -s "$f" ]; then
+        (umask 077 && mkdir -p "$SECRETS" && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$f.tmp" && mv "$f.tmp" "$f")
+    fi
+    cat "$f"
+}
+
+is_loopback() { [[ $1 == 127.* || $1 == localhost || $1 == ::1 ]]; }
 
 elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
 
@@ -195,14 +210,18 @@ EOF
 # python -c "$PREFECT_WHEN" URL ARGS...: run `prefect ARGS...` once URL answers 200 (150 s at most),
 # having imported Prefect (the slow part) while waiting.
 PREFECT_WHEN='
-import sys, time, urllib.error, urllib.request
+import base64, os, sys, time, urllib.error, urllib.request
 url = sys.argv[1]
 sys.argv = ["prefect", *sys.argv[2:]]
 from prefect.cli import app
+request = urllib.request.Request(url)
+if os.environ.get("PREFECT_API_AUTH_STRING"):
+    basic = base64.b64encode(os.environ["PREFECT_API_AUTH_STRING"].encode()).decode()
+    request.add_header("Authorization", "Basic " + basic)
 t0 = time.monotonic()
 while True:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(request, timeout=2) as response:
             if response.status == 200:
                 break
     except (urllib.error.URLError, OSError):
@@ -225,7 +244,7 @@ cmd_start() {
     local host=${ADAPTAD_SERVICES_HOST:-127.0.0.1}
     local prefect_port=${PREFECT_PORT:-4200} mlflow_port=${MLFLOW_PORT:-5000}
     local ray_port=${RAY_PORT:-6379} ray_dashboard_port=${RAY_DASHBOARD_PORT:-8265}
-    local pool=${ADAPTAD_WORK_POOL:-adaptad-process} ray_tmp name p t_all
+    local pool=${ADAPTAD_WORK_POOL:-adaptad-process} auth=${ADAPTAD_SERVICES_AUTH:-on} ray_tmp name p t_all
     local -A t0=() running=()
     t_all=$EPOCHREALTIME
     PREFECT=$(tool prefect)
@@ -253,9 +272,16 @@ cmd_start() {
         host=$HOST prefect_port=$PREFECT_PORT_USED mlflow_port=$MLFLOW_PORT_USED
         # shellcheck disable=SC2153
         ray_port=$RAY_PORT_USED ray_dashboard_port=$RAY_DASHBOARD_PORT_USED pool=$POOL ray_tmp=$RAY_TMP
+        auth=${AUTH:-on}
         log "already running from $STATE: ${!running[*]} (keeping their configuration)"
     fi
 
+    [ "$auth" = on ] || [ "$auth" = off ] || die "ADAPTAD_SERVICES_AUTH='$auth': must be on or off"
+    if [ "$auth" = off ] && ! is_loopback "$host"; then
+        die "refusing to bind Prefect and MLflow to $host without authentication: anyone who reaches it
+  could register, alias or delete model versions and start flow runs. Unset ADAPTAD_SERVICES_AUTH
+  (authentication is on by default: the clients get their secrets from <state>/env) or bind to 127.0.0.1"
+    fi
     for p in "$prefect_port" "$mlflow_port" "$ray_port" "$ray_dashboard_port"; do
         [[ $p =~ ^[0-9]+$ ]] && [ "$p" -ge 1 ] && [ "$p" -le 65535 ] || die "invalid port: '$p'"
     done
@@ -278,8 +304,30 @@ cmd_start() {
     {
         printf 'HOST=%q\nPREFECT_PORT_USED=%q\nMLFLOW_PORT_USED=%q\n' "$host" "$prefect_port" "$mlflow_port"
         printf 'RAY_PORT_USED=%q\nRAY_DASHBOARD_PORT_USED=%q\n' "$ray_port" "$ray_dashboard_port"
-        printf 'POOL=%q\nRAY_TMP=%q\n' "$pool" "$ray_tmp"
+        printf 'POOL=%q\nRAY_TMP=%q\nAUTH=%q\n' "$pool" "$ray_tmp" "$auth"
     } >"$CONF"
+
+    # Secrets (made once per state dir, owner-only): Ray's token always (its GCS and raylet listen on
+    # every interface, whatever the bind address); MLflow's admin password and Prefect's API auth string
+    # unless ADAPTAD_SERVICES_AUTH=off on a loopback address.
+    local ray_token_file=$SECRETS/ray_token mlflow_auth=$STATE/mlflow/auth.ini
+    secret ray_token >/dev/null
+    local -a auth_envs=("RAY_AUTH_MODE=token" "RAY_AUTH_TOKEN_PATH=$ray_token_file") mlflow_app=()
+    if [ "$auth" = on ]; then
+        (
+            umask 077
+            printf '[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///%s\n' "$STATE/mlflow/auth.db"
+            printf 'admin_username = adaptad\nadmin_password = %s\n' "$(secret mlflow_password)"
+            printf 'authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n'
+        ) >"$mlflow_auth"
+        chmod 600 "$mlflow_auth"
+        auth_envs+=(
+            "MLFLOW_TRACKING_USERNAME=adaptad"
+            "MLFLOW_TRACKING_PASSWORD=$(secret mlflow_password)"
+            "PREFECT_API_AUTH_STRING=adaptad:$(secret prefect_password)"
+        )
+        mlflow_app=(--app-name basic-auth)
+    fi
 
     # The environment of every service, and of every flow run the worker starts; also what <state>/env
     # exports for the user's shell.
@@ -291,16 +339,18 @@ cmd_start() {
         "MLFLOW_TRACKING_URI=$mlflow_url"
         "MLFLOW_DISABLE_TELEMETRY=true"
         "RAY_ADDRESS=$ray_address"
-        "RAY_AUTH_MODE=disabled"
+        "${auth_envs[@]}"
         "RAY_TMPDIR=$ray_tmp"
         "RAY_USAGE_STATS_ENABLED=0"
         "OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}" # Ray workers' OpenMP threads (flows/services.py)
     )
     local kv
-    {
+    (
+        umask 077 # it holds the clients' secrets
         echo "# Written by infra/local/services.sh start ($(date '+%F %T')). Use: source $STATE/env"
         for kv in "${envs[@]}"; do printf 'export %s=%q\n' "${kv%%=*}" "${kv#*=}"; done
-    } >"$STATE/env"
+    ) >"$STATE/env"
+    chmod 600 "$STATE/env"
     for kv in "${envs[@]}"; do export "${kv?}"; done
     export PREFECT_CLI_PROMPT=false MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false DO_NOT_TRACK=1
 
@@ -309,11 +359,17 @@ cmd_start() {
 
     if [ -z "${running[prefect-server]:-}" ]; then
         t0[prefect-server]=$EPOCHREALTIME
-        launch prefect-server "$PREFECT" server start --host "$host" --port "$prefect_port"
+        if [ "$auth" = on ]; then # the server checks the same string its clients send
+            PREFECT_SERVER_API_AUTH_STRING=$PREFECT_API_AUTH_STRING \
+                launch prefect-server "$PREFECT" server start --host "$host" --port "$prefect_port"
+        else
+            launch prefect-server "$PREFECT" server start --host "$host" --port "$prefect_port"
+        fi
     fi
     if [ -z "${running[mlflow]:-}" ]; then
         t0[mlflow]=$EPOCHREALTIME
-        launch mlflow "$MLFLOW" server --host "$host" --port "$mlflow_port" --workers 1 \
+        MLFLOW_AUTH_CONFIG_PATH=$mlflow_auth MLFLOW_FLASK_SERVER_SECRET_KEY=$(secret mlflow_flask_key) \
+            launch mlflow "$MLFLOW" server "${mlflow_app[@]}" --host "$host" --port "$mlflow_port" --workers 1 \
             --backend-store-uri "sqlite:///$STATE/mlflow/mlflow.db" \
             --serve-artifacts --artifacts-destination "$STATE/mlflow/mlartifacts"
     fi

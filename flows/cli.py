@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+from flows.errors import UsageError
+
 METHOD_CHOICES = ("dn2", "spade", "patchcore", "gaussian", "padim")
 
 
@@ -281,10 +283,6 @@ def pipeline_command(args: argparse.Namespace) -> int:
             raise UsageError(str(err)) from err
         print(f"adaptad {args.command}: failed: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
-
-
-class UsageError(Exception):
-    """Bad input: printed as one line, exit code 2."""
 
 
 def run_command(args: argparse.Namespace) -> dict:

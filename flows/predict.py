@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from flows.cli import UsageError
+from flows.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

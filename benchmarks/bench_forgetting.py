@@ -1,16 +1,17 @@
-"""Gaussian fine-tuning's forgetting detector vs hindsight: which epoch did it choose, which epoch would
-have been best on the test set (read only after training, for the report), and what the collapse monitor
-saw on the way.
+"""A fine-tuned method's label-free epoch selection vs hindsight: which epoch did it choose, which epoch
+would have been best on the test set (read only after training, for the report), and what the collapse
+monitor saw on the way (selection regret, issue 20).
 
-Per data set (``--data industrial:<set>`` or ``fashion_mnist:<class>``): gaussian_ft (params.yaml's knobs,
-changed by ``--set knob=value``) trains for ``--epochs`` epochs in this process (one worker, the method's
-own protocol), never stopping, so every epoch can be scored. After each epoch the method's validation
-separation (held-out normal images vs their mixup / cutmix / cutpaste versions) and the collapse
-monitor's signals (params.yaml's ``train.collapse`` thresholds) are recorded, and the test split is
-evaluated with that epoch's weights (Gaussians fitted on all train images, then image AUROC, and pixel
-AUROC / AUPRO where there are masks). Epoch 0 is the pretrained backbone, i.e. frozen Gaussian AD. The
-detector's choice is then replayed from the separations with the configured ``patience`` / ``min_delta``:
-the epoch it keeps and the epoch at which it stops, and the first epoch the monitor would have stopped.
+Per data set (``--data industrial:<set>`` or ``fashion_mnist:<class>``): the method (``--method``:
+gaussian_ft, panda or panda_oe, params.yaml's knobs changed by ``--set knob=value``) trains for
+``--epochs`` epochs in this process (one worker, the method's own protocol), never stopping, so every
+epoch can be scored. After each epoch the method's own validation signal (gaussian_ft: held-out normal
+images vs their mixup / cutmix / cutpaste versions; PANDA / PANDA-OE: synthetic anomalies vs held-out
+normal images) and the collapse monitor's signals (params.yaml's ``train.collapse`` thresholds) are
+recorded, and the test split is evaluated with that epoch's weights (image AUROC, and pixel AUROC / AUPRO
+where there are masks). Epoch 0 is the pretrained backbone. The selection is then replayed from the
+signal with the method's ``patience`` / ``min_delta`` (gaussian_ft; PANDA: patience, no min_delta): the
+epoch it keeps and the epoch at which it stops, and the first epoch the monitor would have stopped.
 
     .venv/bin/python benchmarks/bench_forgetting.py --data fashion_mnist:trouser --image-size 64 \
         --epochs 4 --set gaussian_images=1024 --out /tmp/forgetting.jsonl
@@ -39,6 +40,13 @@ from components.data import (  # noqa: E402
 from components.evaluation import fit_and_evaluate, loader  # noqa: E402
 from components.methods import MethodSpec, build_method  # noqa: E402
 from components.monitor import CollapseMonitor, CollapseThresholds  # noqa: E402
+
+#: method → (the pretrained value's tag, the per-epoch metric) of its label-free selection signal
+SIGNALS = {
+    "gaussian_ft": ("gaussian_ft.val_separation_pretrained", "val_separation"),
+    "panda": ("panda.val_auroc_pretrained", "val_auroc"),
+    "panda_oe": ("panda.val_auroc_pretrained", "val_auroc"),
+}
 
 
 def detector_choice(separations: list[float], patience: int, min_delta: float) -> tuple[int, int]:
@@ -74,10 +82,11 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=sets, help="industrial:<set> | fashion_mnist:<class>")
     parser.add_argument("--industrial-root", default=str(REPO.parent / "shared" / "data" / "industrial"))
     parser.add_argument("--fashion-root", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--method", choices=sorted(SIGNALS), default="gaussian_ft")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument(
-        "--set", nargs="*", default=[], metavar="KNOB=VALUE", help="gaussian_ft knob overrides"
+        "--set", nargs="*", default=[], metavar="KNOB=VALUE", help="the method's knob overrides"
     )
     parser.add_argument(
         "--train-batch",
@@ -92,18 +101,21 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     size = args.image_size or params["image_size"]
-    knobs = dict(params["methods"]["gaussian_ft"])
+    knobs = dict(params["methods"][args.method])
     for item in args.set:
         key, _, value = item.partition("=")
         knobs[key] = yaml.safe_load(value)
-    patience, min_delta = knobs.pop("patience"), knobs.pop("min_delta")
+    patience, min_delta = knobs.pop("patience", 3), knobs.pop("min_delta", 0.0)
     knobs |= {"epochs": args.epochs, "patience": args.epochs + 1}
+    if args.method != "gaussian_ft":
+        knobs["early_stopping"] = False  # every epoch trains; the rule is replayed below
     collapse = {k: v for k, v in params["train"]["collapse"].items() if k != "enabled"}
     thresholds = CollapseThresholds(**collapse)
     bs = params["train"]["batch_size"]
     train_bs = args.train_batch or bs * params["train"]["num_workers"]  # DDP averages the ranks' batches
     print(
-        f"gaussian_ft {knobs} | {params['backbone']} @ {size} px | detector patience {patience}", flush=True
+        f"{args.method} {knobs} | {params['backbone']} @ {size} px | selection patience {patience}",
+        flush=True,
     )
     summary = []
     for data in args.data:
@@ -111,7 +123,7 @@ def main() -> None:
         train, test, has_masks = samples_of(data, args.fashion_root, args.industrial_root)
         fit, held = split_validation(train, params["train"]["val_fraction"], seed=params["seed"])
         validation = held + synthetic_anomalies(held, params["train"]["synthetic"])
-        spec = MethodSpec("gaussian_ft", params["backbone"], params["weights"], None, size, knobs)
+        spec = MethodSpec(args.method, params["backbone"], params["weights"], None, size, knobs)
         m = build_method(spec, progress=False)
         monitor = CollapseMonitor(thresholds)
         val = loader(validation, size, bs, 1)
@@ -119,7 +131,8 @@ def main() -> None:
         with m.sharing_monitor_features():
             tags = m.begin_training(loader(fit, size, bs, 1), val)
             monitor.begin(m.monitor_features, loader(fit, size, bs, 1), val)
-        separations = [float(tags["gaussian_ft.val_separation_pretrained"])]
+        tag, metric = SIGNALS[args.method]
+        separations = [float(tags[tag])]
         signals: dict = {}
         rows = []
         optimizer = m.make_optimizer()
@@ -146,7 +159,7 @@ def main() -> None:
                 with m.sharing_monitor_features():
                     report = m.end_epoch(epoch, val)
                     verdict = monitor.measure(m.monitor_features, val)
-                separations.append(report.metrics["val_separation"])
+                separations.append(report.metrics[metric])
                 signals = verdict.metrics
                 if verdict.collapsed and first_collapse is None:
                     first_collapse = (epoch, verdict.reason)
@@ -157,7 +170,8 @@ def main() -> None:
                 "data": data,
                 "knobs": args.set,
                 "epoch": epoch,
-                "val_separation": separations[-1],
+                "method": args.method,
+                "val_signal": separations[-1],
                 "loss": (sum(losses) / len(losses)) if epoch else None,
                 **{f"monitor/{k}": v for k, v in signals.items()},
                 **{k: r[k] for k in ("image_auroc", "pixel_auroc", "aupro")},
@@ -168,7 +182,7 @@ def main() -> None:
                 with args.out.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
             print(
-                f"{data} epoch {epoch}: val separation {separations[-1]:.3f} | monitor rank "
+                f"{data} epoch {epoch}: val signal {separations[-1]:.3f} | monitor rank "
                 f"{signals.get('rank_ratio', 1.0):.2f} knn {signals.get('knn_overlap', 1.0):.2f} sep "
                 f"{signals.get('separation', float('nan')):.3f} | test image AUROC {r['image_auroc']:.3f} "
                 f"pixel {r['pixel_auroc']:.3f} AUPRO {r['aupro']:.3f}",
@@ -178,7 +192,7 @@ def main() -> None:
         best_test = max(range(len(rows)), key=lambda e: rows[e]["image_auroc"])
         summary.append((data, rows, kept, stop, best_test, first_collapse, train_seconds))
     print(
-        "\n| data | frozen Gaussian AD (epoch 0) | gaussian_ft, detector's epoch | detector kept / stopped | "
+        f"\n| data | epoch 0 (pretrained) | {args.method}, selected epoch | selection kept / stopped | "
         "monitor stops | test-best epoch (hindsight) | training s |"
     )
     print("|---|---|---|---|---|---|---|")

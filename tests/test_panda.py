@@ -158,7 +158,8 @@ def test_panda_oe_learns_normal_vs_outliers_and_saves_exactly(kolektor, outlier_
     fit, validation = kolektor
     spec = MethodSpec(
         "panda_oe", "tf_efficientnet_lite0", "pypi", None, SIZE,
-        {"outliers": str(outlier_folder), "epochs": 2, "lr": 0.01, "gallery": 2, "early_stopping": False},
+        {"outliers": str(outlier_folder), "epochs": 2, "lr": 0.01, "gallery": 2, "early_stopping": False,
+         "head_init": "random", "max_grad_norm": None},
     )  # fmt: skip
     m = build_method(spec, "cpu", progress=False)
     assert "head" in m.networks() and m.trains
@@ -190,6 +191,37 @@ def test_panda_oe_learns_normal_vs_outliers_and_saves_exactly(kolektor, outlier_
     a, b = m.predict(images), again.predict(images)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a.maps, b.maps, rtol=1e-4, atol=1e-5)
+
+
+def test_panda_oe_probe_head_separates_before_training_and_leaves_the_stream(
+    kolektor, outlier_folder
+) -> None:
+    """head_init=probe: the head starts as a logistic regression of the frozen features (normal vs
+    outliers), identical on every rank; the outlier stream the training steps draw from is unchanged."""
+    fit, validation = kolektor
+    knobs = {"outliers": str(outlier_folder), "epochs": 1, "gallery": 2}
+
+    def started(head_init: str):
+        spec = MethodSpec(
+            "panda_oe", "tf_efficientnet_lite0", "pypi", None, SIZE, knobs | {"head_init": head_init}
+        )
+        m = build_method(spec, "cpu", progress=False)
+        tags = m.begin_training(loader(fit, SIZE, 7, 0), loader(validation, SIZE, 8, 0))
+        return m, tags
+
+    probe, tags = started("probe")
+    assert tags["panda_oe.head_init"].startswith("probe (train accuracy")
+    assert float(tags["panda_oe.head_init"].split()[-1].rstrip(")")) > 0.9
+    held_normal = [s for s in validation if s.label == 0]
+    normal = probe.logits(next(iter(loader(held_normal, SIZE, 16, 0)))["image"])
+    assert float((normal < 0).float().mean()) > 0.5  # held-out normal images: mostly on the normal side
+    again, _ = started("probe")
+    assert torch.equal(probe.head.weight, again.head.weight) and torch.equal(probe.head.bias, again.head.bias)
+    random_start, _ = started("random")
+    assert torch.equal(probe._take_outliers(5), random_start._take_outliers(5))  # same training stream
+    assert probe.max_grad_norm == 1e-3 and probe.lr == 1e-2  # the official recipe by default
+    with pytest.raises(ValueError, match="panda_oe head_init='zero': must be one of probe, random"):
+        build_method(MethodSpec("panda_oe", "tf_efficientnet_lite0", "none", None, 64, {"head_init": "zero"}))
 
 
 def test_panda_oe_bad_outlier_folder_is_named(kolektor, tmp_path) -> None:

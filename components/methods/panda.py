@@ -329,6 +329,7 @@ class PANDAOE(PANDA):
     """
 
     name = "panda_oe"
+    probe_outliers = 1024  # outlier images the probe head is fitted on (decoding them is its cost)
 
     def __init__(
         self,
@@ -415,22 +416,26 @@ class PANDAOE(PANDA):
     @torch.no_grad()
     def _probe_head(self, train: Iterable[dict]) -> float:
         """Set the head to a logistic regression of the frozen pooled features: the fit split's normal
-        images (0) vs as many outliers (1), drawn from a fresh seeded stream (the training stream is left
-        as it was). Returns the probe's training accuracy."""
+        images (0) vs up to ``probe_outliers`` outliers (1, as many as normal images if fewer; classes
+        weighted equally), drawn from a fresh seeded stream (the training stream is left as it was).
+        Returns the probe's training accuracy."""
         from sklearn.linear_model import LogisticRegression
 
         normal = torch.cat([self.monitor_features(b["image"]).cpu() for b in train])
         stream, self._outlier_batches = self._outlier_batches, self._outlier_stream()
         try:
             outliers = torch.cat(
-                [self.monitor_features(chunk).cpu() for chunk in self._take_outliers(len(normal)).split(64)]
+                [
+                    self.monitor_features(chunk).cpu()
+                    for chunk in self._take_outliers(min(len(normal), self.probe_outliers)).split(64)
+                ]
             )
         finally:
             self._outlier_batches = stream
         x = torch.cat([normal, outliers]).double().numpy()
         y = np.r_[np.zeros(len(normal)), np.ones(len(outliers))]
         mean, std = x.mean(0), x.std(0) + 1e-6
-        probe = LogisticRegression(max_iter=2000).fit((x - mean) / std, y)
+        probe = LogisticRegression(max_iter=2000, class_weight="balanced").fit((x - mean) / std, y)
         w = probe.coef_[0] / std  # the standardisation folded into the head
         b = probe.intercept_[0] - float(w @ mean)
         self.head.weight.copy_(torch.as_tensor(w, dtype=self.head.weight.dtype)[None])

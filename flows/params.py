@@ -396,11 +396,14 @@ SAME_RESULTS_AS: dict[str, str] = {
     # PANDA's run tag panda.regulariser names what regularises (ewc, early_stopping, both, or
     # fixed_epochs:N) — tags only; kolektorsdd's gaussian_ft job re-ran byte-identical under it
     "code-83876064a5283137": "code-b469b7027ce0bae9",
+    # PANDA-OE's official recipe and linear-probe head start (its own class only; a revision below):
+    # kolektorsdd's PANDA job, whose module it shares, re-ran byte-identical under it
+    "code-a03e74683be11223": "code-b469b7027ce0bae9",
 }
 
 # A method whose results changed under a code version that SAME_RESULTS_AS maps to an earlier one (the
 # change was exact for the other methods) gets a revision here: it enters that method's run keys only.
-METHOD_REVISIONS: dict[str, int] = {"panda": 1, "panda_oe": 1}
+METHOD_REVISIONS: dict[str, int] = {"panda": 1, "panda_oe": 2}
 
 
 def code_version(root: Path = CODE_ROOT, same_results_as: dict[str, str] | None = None) -> str:

@@ -55,19 +55,26 @@ def watch(pid: int, interval: float = 1.0, grace: float = 5.0) -> list[psutil.Pr
             break
         time.sleep(interval)
     time.sleep(grace)  # a normal exit ends its services itself
-    left = [p for p in seen.values() if p.is_running()]
+    left = [p for p in seen.values() if _running(p)]
     left += [p for p in descendants(left) if p.pid != me and p.pid not in seen]
-    ended: list[psutil.Process] = []
+    ended = list(left)
     for sig in ("terminate", "kill"):
-        left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        left = [p for p in left if _running(p)]
         if not left:
             break
         for p in left:
             with contextlib.suppress(psutil.Error):
                 getattr(p, sig)()
-                ended.append(p)
         _, left = psutil.wait_procs(left, timeout=grace)
     return ended
+
+
+def _running(p: psutil.Process) -> bool:
+    """Still running (not a zombie); False once it is gone, also if it goes while we ask."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def start_reaper(

@@ -186,8 +186,8 @@ def embedded_ray_token() -> None:
 
 def _stop_handler(command: str, prefect_api: object | None):
     """The SIGINT / SIGTERM handler of a service-starting command: mark the flow run and its unfinished
-    task runs ``Cancelled``, end the local Ray cluster (its workers end the running jobs) and the Prefect
-    API, then exit 128 + signal at once. It acts inside the handler:
+    task runs ``Cancelled``, end the Prefect API and then the local Ray cluster (its workers end the
+    running jobs), then exit 128 + signal at once. It acts inside the handler:
     unwinding the flow would wait on the job threads, which wait on those workers, and Prefect would retry
     the interrupted jobs. Finished jobs are kept (atomic run folders); a rerun runs the missing ones."""
 
@@ -196,18 +196,21 @@ def _stop_handler(command: str, prefect_api: object | None):
         watchdog = threading.Timer(20, os._exit, [128 + signum])  # a shutdown that hangs ends here
         watchdog.daemon = True
         watchdog.start()
-        if "prefect" in sys.modules:  # first: a task retried as Ray's workers go would not start then
+        message = f"stopped by {signal.Signals(signum).name}; a rerun reuses every finished job"
+        flow_run = "prefect" in sys.modules
+        if flow_run:  # first: a task retried as Ray's workers go would not start then
             from flows.services import cancel_current_flow_run
 
-            name = signal.Signals(signum).name
-            cancel_current_flow_run(f"stopped by {name}; a rerun reuses every finished job")
+            cancel_current_flow_run(message)
+        # the embedded Prefect API ends before Ray: a job failing as its worker ends is not recorded
+        embedded = prefect_api is not None and prefect_api.stop()
         if "ray" in sys.modules:
             import ray
 
             with contextlib.suppress(Exception):
                 ray.shutdown()
-        if prefect_api is not None:
-            prefect_api.stop()
+        if flow_run and not embedded:  # a server that stays up: what the jobs recorded as they failed
+            cancel_current_flow_run(message, timeout=3.0)
         sys.stdout.flush()
         os._exit(128 + signum)
 

@@ -51,7 +51,11 @@ def cancel_current_flow_run(message: str, timeout: float = 5.0) -> None:
     """Mark the flow run this (main) thread is inside — and its unfinished task runs — ``Cancelled`` on the
     Prefect API, so that a stopped run does not stay ``Running`` there. Called from a stop handler, which
     exits right after: the API calls run in a thread given ``timeout`` seconds, in this thread's context
-    (the flow run and the API URL are context variables). Nothing happens outside a flow run."""
+    (the flow run and the API URL are context variables). Nothing happens outside a flow run.
+
+    The API records task runs from the client's events, asynchronously: the events sent so far are
+    delivered first, and the unfinished task runs are read and cancelled again until two reads in a row
+    find none (a task run recorded after a read is caught by the next)."""
     import contextvars
 
     from prefect.context import FlowRunContext
@@ -60,6 +64,7 @@ def cancel_current_flow_run(message: str, timeout: float = 5.0) -> None:
     if context is None or context.flow_run is None:
         return
     flow_run_id = context.flow_run.id
+    deadline = time.monotonic() + timeout
 
     def cancel() -> None:
         from prefect.client.orchestration import get_client
@@ -71,18 +76,25 @@ def cancel_current_flow_run(message: str, timeout: float = 5.0) -> None:
             TaskRunFilterStateType,
         )
         from prefect.client.schemas.objects import StateType
+        from prefect.events.worker import EventsWorker
         from prefect.states import Cancelled
 
-        unfinished = [StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED]
+        EventsWorker.drain_all(timeout=max(0.0, deadline - time.monotonic()) / 2)
+        unfinished = TaskRunFilter(
+            state=TaskRunFilterState(
+                type=TaskRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED])
+            )
+        )
+        this_run = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         with get_client(sync_client=True) as client:
-            for task_run in client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                task_run_filter=TaskRunFilter(
-                    state=TaskRunFilterState(type=TaskRunFilterStateType(any_=unfinished))
-                ),
-            ):
-                client.set_task_run_state(task_run.id, Cancelled(message=message), force=True)
             client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
+            empty_reads = 0
+            while empty_reads < 2 and time.monotonic() < deadline:
+                task_runs = client.read_task_runs(flow_run_filter=this_run, task_run_filter=unfinished)
+                for task_run in task_runs:
+                    client.set_task_run_state(task_run.id, Cancelled(message=message), force=True)
+                empty_reads = 0 if task_runs else empty_reads + 1
+                time.sleep(0.25)
 
     context_run = contextvars.copy_context().run
 
@@ -174,12 +186,15 @@ class PrefectAPIStarter:
         with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
             yield
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop the server if it runs; whether it did."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is None or process.poll() is not None:
+            return False
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        return True

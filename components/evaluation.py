@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +51,17 @@ class Evaluation:
         )
 
 
+def score_all(method: AnomalyMethod, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image scores (N,), anomaly maps (N, H, W) and masks (N, H, W) of every batch of a fitted method."""
+    scores, maps, masks = [], [], []
+    for batch in batches:
+        pred = method.predict(batch["image"])
+        scores.append(pred.scores)
+        maps.append(pred.maps)
+        masks.append(batch["mask"].numpy())
+    return np.concatenate(scores), np.concatenate(maps), np.concatenate(masks)
+
+
 def fit_and_evaluate(
     method: AnomalyMethod,
     train: Sequence[Sample],
@@ -64,14 +75,8 @@ def fit_and_evaluate(
     t0 = time.perf_counter()
     method.fit(loader(train, size, batch_size, workers))
     t1 = time.perf_counter()
-    scores, maps, masks = [], [], []
-    for batch in loader(test, size, batch_size, workers):
-        pred = method.predict(batch["image"])
-        scores.append(pred.scores)
-        maps.append(pred.maps)
-        masks.append(batch["mask"].numpy())
+    scores_a, maps_a, masks_a = score_all(method, loader(test, size, batch_size, workers))
     t2 = time.perf_counter()
-    scores_a, maps_a, masks_a = np.concatenate(scores), np.concatenate(maps), np.concatenate(masks)
     labels = np.array([s.label for s in test])
     metrics = evaluate(scores_a, labels, maps_a if has_masks else None, masks_a if has_masks else None)
     t3 = time.perf_counter()

@@ -31,6 +31,7 @@ __all__ = [
     "binary_curve",
     "evaluate",
     "f1_max",
+    "f1_max_threshold",
     "image_auroc",
     "pixel_auroc",
     "pro_curve",
@@ -297,6 +298,23 @@ def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
     s, y = _check_pair(scores, labels, "scores", "labels")
     neg, pos, _ = _split_sort(s, y)
     return _Levels(neg, pos).f1_max()
+
+
+def f1_max_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """F1-max and a threshold that reaches it with the rule "anomalous: score > threshold": midway between
+    the positive score where F1 peaks and the next lower score (same predictions as score >= that
+    positive score). Pass flattened maps / masks for pixels; one sort, as :func:`f1_max`."""
+    s, y = _check_pair(scores, labels, "scores", "labels")
+    neg, pos, _ = _split_sort(s, y)
+    levels = _Levels(neg, pos)
+    if levels.n_pos == 0:
+        raise ValueError("F1-max needs at least one positive label, got none")
+    f1 = 2.0 * levels.tp / (levels.tp + levels.ge + levels.n_pos)
+    best = int(np.argmax(f1))
+    peak = float(levels.values[best])
+    below = [float(a[i - 1]) for a in (neg, pos) if (i := int(np.searchsorted(a, peak, side="left")))]
+    lower = max(below) if below else peak - max(abs(peak), 1.0)
+    return float(f1[best]), (peak + lower) / 2
 
 
 # --------------------------------------------------------------------------------------------------

@@ -139,6 +139,16 @@ class Pipeline(Strict):
     plots_dir: str = "plots"
 
 
+class Decision(Strict):
+    """How every model turns scores into labels and defect masks, set without test labels
+    (components/decision.py, flows/decide.py)."""
+
+    rule: Literal["normal_quantile", "synthetic_f1"] = "normal_quantile"
+    false_alarm_rate: float = Field(
+        0.05, gt=0, lt=1, description="normal_quantile: share of held-out normal images above the threshold"
+    )
+
+
 class MLflow(Strict):
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_root: str = "mlartifacts"
@@ -218,6 +228,7 @@ class Params(Strict):
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
     pipeline: Pipeline = Pipeline()
+    decision: Decision = Decision()
     mlflow: MLflow = MLflow()
     promote: Promote = Promote()
     grid: Grid | None = None

@@ -29,7 +29,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.banks import replace_dir, write_text_atomic
 from components.data import DataError, Sample, manifest_version, read_manifest
+from components.decision import DECISION_METRICS
 from components.methods import method_class
+from flows.decide import check_decision, decide_category, decide_in_ray_task, decision_key, read_decision
 from flows.evaluate import METRIC_KEYS, CategoryJob, evaluate_category, evaluate_in_ray_task, read_run
 from flows.params import RESULT_CODE, Params, check_method, code_version, load_params, run_key
 from flows.services import restore_stop_handler, worker_env_defaults
@@ -145,9 +147,7 @@ def evaluate_task(
     job = category_job(params, category, key, data_version, samples, training)
     t0 = time.perf_counter()
     if not os.environ.get("RAY_ADDRESS"):  # embedded: evaluate here (CUDA when this machine has it)
-        result = evaluate_category(
-            job, run_dir, "cpu" if params.evaluate.use_gpu in (False, "false") else None
-        )
+        result = evaluate_category(job, run_dir, local_device(params))
     else:  # a cluster: a Ray task, on a GPU node when the cluster has GPUs
         ensure_ray()
         result = evaluate_remotely(job, run_dir, params)
@@ -155,11 +155,16 @@ def evaluate_task(
     return result
 
 
-def evaluate_remotely(
-    job: CategoryJob, run_dir: Path, params: Params, cpus: int | None = None, **options: Any
-) -> dict[str, Any]:
-    """Evaluate ``job`` as a Ray task: ``cpus`` CPUs (default: the training's), clamped to the cluster, and
-    one GPU when ``evaluate.use_gpu`` allows and the cluster has GPUs; ``options`` (e.g. ``max_calls``,
+def local_device(params: Params) -> str | None:
+    """The device of a step run in this process: the CPU when ``evaluate.use_gpu`` is off, else default."""
+    return "cpu" if params.evaluate.use_gpu in (False, "false") else None
+
+
+def remote_call(
+    fn: Callable[..., Any], args: tuple, params: Params, cpus: int | None = None, **options: Any
+) -> Any:
+    """``fn(*args, cpus)`` as a Ray task: ``cpus`` CPUs (default: the training's), clamped to the cluster,
+    and one GPU when ``evaluate.use_gpu`` allows and the cluster has GPUs; ``options`` (e.g. ``max_calls``,
     ``name``) go to ``ray.remote``."""
     import ray
 
@@ -168,12 +173,60 @@ def evaluate_remotely(
     wanted = cpus or params.train.num_workers * params.train.cpus_per_worker
     wanted = max(1, min(wanted, int(ray.cluster_resources().get("CPU", 1))))
     gpus = 1 if _use_gpu(params.evaluate.use_gpu) else 0
-    remote = ray.remote(num_cpus=wanted, num_gpus=gpus, max_retries=0, **options)(evaluate_in_ray_task)
-    return ray.get(remote.remote(job, str(run_dir), wanted))
+    remote = ray.remote(num_cpus=wanted, num_gpus=gpus, max_retries=0, **options)(fn)
+    return ray.get(remote.remote(*args, wanted))
+
+
+def evaluate_remotely(
+    job: CategoryJob, run_dir: Path, params: Params, cpus: int | None = None, **options: Any
+) -> dict[str, Any]:
+    """Evaluate ``job`` as a Ray task (:func:`remote_call`)."""
+    return remote_call(evaluate_in_ray_task, (job, str(run_dir)), params, cpus, **options)
+
+
+def decision_folder(params: Params, key: str) -> Path:
+    """``<runs_dir>/<run key>/decision-<decision key>``: the run's thresholds under ``params.decision``."""
+    t = params.train
+    dkey = decision_key(key, params.decision.model_dump(), t.val_fraction, params.seed, list(t.synthetic))
+    return Path(params.pipeline.runs_dir).resolve() / key / f"decision-{dkey}"
+
+
+def _decision_cache_key(context: Any, arguments: dict[str, Any]) -> str | None:
+    folder = decision_folder(arguments["params"], arguments["key"])
+    return f"{arguments['key']}-{folder.name}" if (folder / "decision.json").is_file() else None
+
+
+@task(name="decide", cache_key_fn=_decision_cache_key, persist_result=True)
+def decide_task(
+    key: str,
+    params: Params,
+    category: str,
+    data_version: str,
+    samples: list[Sample],
+    training: dict[str, Any],
+) -> dict[str, Any]:
+    """Set the run's image and pixel thresholds on held-out normal images (flows/decide.py)."""
+    folder = decision_folder(params, key)
+    done = read_decision(folder)
+    if done is not None:
+        return done
+    job = category_job(params, category, key, data_version, samples, training)
+    t, decision = params.train, params.decision.model_dump()
+    args = (decision, t.val_fraction, params.seed, list(t.synthetic))
+    t0 = time.perf_counter()
+    if not os.environ.get("RAY_ADDRESS"):
+        result = decide_category(job, *args, folder, local_device(params))
+    else:  # a cluster: a Ray task, as the evaluation's
+        ensure_ray()
+        result = remote_call(decide_in_ray_task, (job, *args, str(folder)), params)
+    get_run_logger().info("%s: thresholds set in %.1f s", category, time.perf_counter() - t0)
+    return result
 
 
 @task(name="log-and-register")
-def log_task(key: str, params: Params, category: str, evaluation: dict[str, Any]) -> dict[str, Any]:
+def log_task(
+    key: str, params: Params, category: str, evaluation: dict[str, Any], decided: bool = False
+) -> dict[str, Any]:
     """One MLflow run with params, curves, artifacts and the pyfunc model; a version with alias challenger.
 
     Not cached by Prefect: the tracking store is the record (``log_run`` finds the run key's run and version
@@ -181,7 +234,8 @@ def log_task(key: str, params: Params, category: str, evaluation: dict[str, Any]
     from flows.tracking import log_run
 
     t0 = time.perf_counter()
-    logged = log_run(Path(params.pipeline.runs_dir) / key / "evaluation", params)
+    decision = decision_folder(params, key) if decided else None
+    logged = log_run(Path(params.pipeline.runs_dir) / key / "evaluation", params, decision)
     get_run_logger().info("%s: MLflow run + registration in %.1f s", category, time.perf_counter() - t0)
     return logged
 
@@ -213,11 +267,15 @@ def category_task(
     else:
         training = {}
     evaluation = evaluate_task(key, params, category, version, samples, training)
-    logged = log_task(key, params, category, evaluation)
+    decision = None
+    if not evaluation.get("collapsed"):  # a collapsed run has no model to decide with
+        decision = decide_task(key, params, category, version, samples, training)
+    logged = log_task(key, params, category, evaluation, decision is not None)
     return {
         "category": category,
         "run_key": key,
         "metrics": evaluation["metrics"],
+        "decision": decision["metrics"] if decision else None,
         "mlflow": logged,
         "collapsed": evaluation.get("collapsed"),
     }
@@ -259,25 +317,32 @@ def results_markdown(params: Params, results: dict[str, dict], failed: dict[str,
         f"# adaptad pipeline — {params.dataset} · {params.method} · "
         f"{params.backbone} @ {params.image_size}px",
         "",
-        "| category | image AUROC | pixel AUROC | AUPRO | image F1-max | pixel F1-max | model version |",
-        "|---|---|---|---|---|---|---|",
+        "| category | image AUROC | pixel AUROC | AUPRO | image F1-max | pixel F1-max "
+        "| at the threshold: false alarms | recall | image F1 | pixel F1 | model version |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for category, r in results.items():
         m, logged = r["metrics"], r.get("mlflow") or {}
         version = f"{logged.get('model_name')} v{logged.get('version')}" if logged.get("version") else "—"
         if r.get("collapsed"):
             version = f"collapsed at epoch {r['collapsed']['epoch']}: not evaluated, not registered"
-        lines.append(f"| {category} | " + " | ".join(_fmt(m[k]) for k in METRIC_KEYS) + f" | {version} |")
+        d = r.get("decision") or {}
+        cells = [_fmt(m[k]) for k in METRIC_KEYS]
+        cells += [_fmt(d.get(k)) for k in ("image_fpr", "image_recall", "image_f1", "pixel_f1")]
+        lines.append(f"| {category} | " + " | ".join(cells) + f" | {version} |")
     for category, reason in failed.items():
-        lines.append(f"| {category} | failed: {reason} ||||||")
+        lines.append(f"| {category} | failed: {reason} ||||||||||")
     return "\n".join(lines)
 
 
 def write_dvc_outputs(params: Params, results: dict[str, dict]) -> None:
     """metrics/pipeline.json (per category and mean) and plots/{roc,pro}/<category>.csv."""
     per_category = {c: {k: r["metrics"][k] for k in METRIC_KEYS} for c, r in results.items()}
+    for c, r in results.items():  # the operating point: the figures at the calibrated thresholds
+        per_category[c] |= {k: (r.get("decision") or {}).get(k, math.nan) for k in DECISION_METRICS}
     finite = lambda k: [v[k] for v in per_category.values() if not math.isnan(v[k])]  # noqa: E731
-    mean = {k: float(sum(finite(k)) / len(finite(k))) if finite(k) else None for k in METRIC_KEYS}
+    averaged = METRIC_KEYS + DECISION_METRICS[2:]  # not the thresholds: each model has its own scale
+    mean = {k: float(sum(finite(k)) / len(finite(k))) if finite(k) else None for k in averaged}
     clean = lambda d: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}  # noqa: E731
     doc = {
         "dataset": params.dataset,
@@ -420,6 +485,9 @@ def pipeline(
     warm_up(uri)  # the store opens while the categories train
     os.environ["MLFLOW_TRACKING_URI"] = uri
     categories = load_category_samples(params)
+    d = params.decision
+    train = {c: [s for s in samples if s.split == "train"] for c, (samples, _) in categories.items()}
+    check_decision(d.rule, d.false_alarm_rate, params.train.val_fraction, train, str(params.manifest_path()))
     code = code_version()
     shared_key = shared_training_key(params, categories, code)
     start_ray_if_needed(params, categories, code)

@@ -379,11 +379,12 @@ def register_version(
     return str(version)
 
 
-def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
+def log_run(run_dir: str | Path, params: Params, decision_dir: str | Path | None = None) -> dict[str, Any]:
     """Log a run folder (flows/evaluate.py) to MLflow and register it as the category's challenger.
 
     Returns ``{"run_id", "model_name", "version" (None when not registered), "skipped"}``; ``skipped`` is
-    true when the run key was already logged (nothing is logged again).
+    true when the run key was already logged (nothing is logged again). ``decision_dir`` (flows/decide.py):
+    its thresholds and test figures at them are logged with the run, and its decision.json as an artifact.
     """
     run_dir = Path(run_dir)
     record = _read_json(run_dir / "metrics.json", None)
@@ -448,6 +449,12 @@ def log_run(run_dir: str | Path, params: Params) -> dict[str, Any]:
         run_id = run.info.run_id
         mlflow.log_params(run_params(record, params))
         metrics = {k: v for k, v in record.get("metrics", {}).items() if _finite(v) is not None}
+        decision = _read_json(Path(decision_dir) / "decision.json", None) if decision_dir else None
+        if decision is not None:
+            metrics |= {k: v for k, v in decision["metrics"].items() if _finite(v) is not None}
+            calibration = decision["calibration"]
+            mlflow.log_params({f"decision.{k}": calibration[k] for k in ("rule", "false_alarm_rate")})
+            mlflow.log_artifact(str(Path(decision_dir) / "decision.json"))
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         for entry in history:
             step = entry.get("epoch")

@@ -22,6 +22,7 @@ def test_a_failing_category_fails_the_flow_by_name_and_the_others_finish(
     params["datasets"] = {"two": {"root": str(data), "categories": ["kolektorsdd", "magnetic_tile"]}}
     params.update(dataset="two", method="padim", image_size=64, manifests_dir=str(tmp_path / "manifests"))
     params["methods"]["padim"] = {"d": 40}
+    params["decision"]["false_alarm_rate"] = 0.34  # 16 train images hold out 3: enough at ⌈1/0.34⌉ = 3
     params["pipeline"].update(
         retries=0,
         concurrency=2,
@@ -39,6 +40,13 @@ def test_a_failing_category_fails_the_flow_by_name_and_the_others_finish(
     # after verification one test image of magnetic_tile disappears: that category must fail at evaluation
     victim = next((data / "magnetic_tile" / "test" / "good").iterdir())
     victim.unlink()
+    # a rule the held-out slice is too small for is refused before any work, naming what it needs
+    cmd = ["adaptad", "pipeline", "--params", str(path)]
+    small = subprocess.run(
+        [*cmd, "-S", "decision.false_alarm_rate=0.05"], env=env, capture_output=True, text=True
+    )
+    assert small.returncode == 2 and "needs 20 held-out normal images" in small.stderr, small.stderr[-2000:]
+    assert "holds out 3 of its 16 train images" in small.stderr and not (tmp_path / "runs").exists()
     out = subprocess.run(
         ["adaptad", "pipeline", "--params", str(path)], env=env, capture_output=True, text=True, timeout=900
     )
@@ -48,10 +56,20 @@ def test_a_failing_category_fails_the_flow_by_name_and_the_others_finish(
     assert "kolektorsdd" not in last.split("categories failed:")[1]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["categories"]) == {"kolektorsdd"}  # the finished category's results are kept
+    # the operating point: thresholds from held-out normal images, the test figures at them
+    at = metrics["categories"]["kolektorsdd"]
+    assert at["image_threshold"] > 0 and 0 <= at["image_fpr"] <= 1 and 0 <= at["image_recall"] <= 1, at
+    assert metrics["mean"]["image_f1"] == at["image_f1"] and "image_threshold" not in metrics["mean"]
+    (decided,) = (tmp_path / "runs").glob("*/decision-*/decision.json")
+    assert json.loads(decided.read_text())["metrics"]["image_fpr"] == at["image_fpr"]
+    assert json.loads(decided.read_text())["calibration"]["held_out_normal"] == 3
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert len(client.search_model_versions("name='adaptad-two-kolektorsdd'")) == 1
+    (version,) = client.search_model_versions("name='adaptad-two-kolektorsdd'")
+    logged = client.get_run(version.run_id).data
+    assert logged.metrics["image_threshold"] == at["image_threshold"]
+    assert logged.params["decision.rule"] == "normal_quantile"
     assert client.search_model_versions("name='adaptad-two-magnetic_tile'") == []
     finished = [p for p in (tmp_path / "runs").iterdir() if (p / "evaluation" / "metrics.json").is_file()]
     assert len(finished) == 1 and not [

@@ -1,0 +1,176 @@
+"""The decision stage: a finished run's image and pixel thresholds, set without test labels, and its test
+split's figures at them (components.decision).
+
+The held-out slice of train/good is the one fine-tuning already keeps out of training
+(``train.val_fraction``, the same sha256 choice), so its images took no part in the weights. The run's
+own memory (bank, Gaussian, gallery) was fitted on every train image, them included; the calibration
+scores them with a second memory, fitted on the rest only, then the thresholds apply to the deployed
+model (full memory). That memory holds 1 − val_fraction of the images, so its normal scores run a little
+higher than the deployed model's: the realized false-alarm rate tends to fall below the target, not
+above it.
+
+Written atomically to ``<runs_dir>/<run key>/decision-<decision key>/``:
+
+- ``decision.json``  the rule, both thresholds with their normalization ranges, how many held-out and
+                     synthetic images set them, and the test figures at them (``metrics``)
+- ``scores.parquet`` the evaluation's per-image scores with ``score_normalized`` and ``predicted`` (0/1)
+- ``calibration.parquet`` the scores that set the image threshold: each held-out normal image (label 0)
+                     and synthetic anomaly (label 1), so other rules and rates can be read off without
+                     scoring again
+
+The decision key hashes the run key, the ``decision`` and slice parameters and this stage's code, so a
+new rule or rate gets a folder of its own and the run (trained weights, banks, metrics) is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from components.banks import replace_dir
+from components.data import DataError, Sample, split_validation, synthetic_anomalies
+from components.decision import Calibration, calibrate, image_operating_point, pixel_f1, required_normals
+from components.evaluation import loader, score_all
+from components.methods import build_method, load_method, load_networks
+from flows.evaluate import CategoryJob
+
+#: the code whose change gives every decision a new key (the run's own code is in its run key)
+DECISION_CODE = (Path(__file__), Path(__file__).parents[1] / "components" / "decision.py")
+
+
+def decision_key(
+    run_key: str, decision: dict[str, Any], val_fraction: float, seed: int, synthetic: list
+) -> str:
+    """Hash of the run key, the decision parameters, the held-out slice's definition and this code."""
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in DECISION_CODE)).hexdigest()[:16]
+    slice_ = {"val_fraction": val_fraction, "seed": seed, "synthetic": list(synthetic)}
+    payload = json.dumps(
+        {"run": run_key, "decision": decision, "slice": slice_, "code": code}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def held_out(train: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """The images the calibration memory is fitted on, and the held-out normal images it scores."""
+    return split_validation(list(train), val_fraction, seed=seed)
+
+
+def check_decision(
+    rule: str, false_alarm_rate: float, val_fraction: float, categories: dict[str, list[Sample]], where: str
+) -> None:
+    """Refuse, before any work, a category whose held-out slice is too small for the rule (DataError)."""
+    need = required_normals(rule, false_alarm_rate)
+    for category, train in categories.items():
+        _, normals = held_out(train, val_fraction, 0)  # the slice's size does not depend on the seed
+        if len(normals) < need:
+            raise DataError(
+                f"{where}: category {category!r}: decision.rule {rule} (false_alarm_rate {false_alarm_rate})"
+                f" needs {need} held-out normal images; train.val_fraction {val_fraction} holds out"
+                f" {len(normals)} of its {len(train)} train images — add train images, raise"
+                " train.val_fraction or decision.false_alarm_rate, or choose another rule"
+            )
+
+
+def decide_category(
+    job: CategoryJob,
+    decision: dict[str, Any],
+    val_fraction: float,
+    seed: int,
+    synthetic: list[str],
+    directory: str | Path,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Calibrate ``job``'s finished run (``<run>/evaluation``) and write the decision folder ``directory``."""
+    t0 = time.perf_counter()
+    evaluation = Path(directory).parent / "evaluation"
+    fit, normals = held_out(job.train, val_fraction, seed)
+    method = build_method(job.spec, device, progress=False)
+    if job.trained is not None:
+        load_networks(method, job.trained)
+    method.extractor.eval()
+    size, bs, workers = job.spec.image_size, job.batch_size, job.loader_workers
+    method.fit(loader(fit, size, bs, workers))
+    normal_scores, normal_maps, _ = score_all(method, loader(normals, size, bs, workers))
+    fakes = synthetic_anomalies(normals, synthetic)  # the rule's positives, and the normalization's top
+    fake_scores = fake_maps = fake_masks = None
+    if fakes:
+        fake_scores, fake_maps, fake_masks = score_all(method, loader(fakes, size, bs, workers))
+    del method
+    calibration = calibrate(
+        decision["rule"],
+        normal_scores,
+        normal_maps,
+        fake_scores,
+        fake_maps,
+        fake_masks,
+        false_alarm_rate=decision["false_alarm_rate"],
+    )
+    scores = pq.read_table(evaluation / "scores.parquet")
+    score = scores.column("score").to_numpy().astype(np.float64)
+    metrics = image_operating_point(score, scores.column("label").to_numpy(), calibration.image)
+    metrics |= {"image_threshold": calibration.image.value, "pixel_threshold": calibration.pixel.value}
+    metrics["pixel_f1"] = float("nan")
+    if job.masks:  # the deployed model's test maps at the pixel threshold
+        deployed = load_method(evaluation / "method", device)
+        _, maps, masks = score_all(deployed, loader(job.test, size, bs, workers))
+        metrics["pixel_f1"] = pixel_f1(maps, masks, calibration.pixel)
+    metrics["decision_seconds"] = time.perf_counter() - t0
+    doc = {"run_key": job.run_key, "calibration": calibration.to_dict(), "metrics": metrics}
+    held = normals + fakes
+    calibration_scores = pa.table(
+        {
+            "path": [s.path for s in held],
+            "defect": [s.defect for s in held],
+            "label": pa.array([s.label for s in held], pa.int8()),
+            "score": pa.array(np.r_[normal_scores, [] if fake_scores is None else fake_scores], pa.float32()),
+        }
+    )
+    _write(Path(directory), doc, scores, calibration, score, calibration_scores)
+    return doc
+
+
+def _write(
+    target: Path, doc: dict, scores: pa.Table, calibration: Calibration, score: np.ndarray, held: pa.Table
+) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        pq.write_table(held, tmp / "calibration.parquet")
+        table = scores.append_column("score_normalized", pa.array(calibration.image.normalize(score)))
+        table = table.append_column("predicted", pa.array(calibration.image.decide(score).astype(np.int8)))
+        pq.write_table(table, tmp / "scores.parquet")
+        (tmp / "decision.json").write_text(json.dumps(doc, indent=2, allow_nan=True))
+        replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_decision(directory: str | Path) -> dict[str, Any] | None:
+    """The decision.json of a finished decision folder, or None."""
+    path = Path(directory) / "decision.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def decide_in_ray_task(
+    job: CategoryJob,
+    decision: dict,
+    val_fraction: float,
+    seed: int,
+    synthetic: list,
+    directory: str,
+    threads: int,
+) -> dict[str, Any]:
+    """:func:`decide_category` inside a Ray task."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return decide_category(job, decision, val_fraction, seed, synthetic, directory)

@@ -82,16 +82,17 @@ def check_decision(
 
 def decide_category(
     job: CategoryJob,
+    evaluation: str | Path,
+    directory: str | Path,
     decision: dict[str, Any],
     val_fraction: float,
     seed: int,
     synthetic: list[str],
-    directory: str | Path,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Calibrate ``job``'s finished run (``<run>/evaluation``) and write the decision folder ``directory``."""
+    """Calibrate ``job``'s finished run folder ``evaluation`` and write the decision folder ``directory``."""
     t0 = time.perf_counter()
-    evaluation = Path(directory).parent / "evaluation"
+    evaluation = Path(evaluation)
     fit, normals = held_out(job.train, val_fraction, seed)
     method = build_method(job.spec, device, progress=False)
     if job.trained is not None:
@@ -160,17 +161,11 @@ def read_decision(directory: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def decide_in_ray_task(
-    job: CategoryJob,
-    decision: dict,
-    val_fraction: float,
-    seed: int,
-    synthetic: list,
-    directory: str,
-    threads: int,
-) -> dict[str, Any]:
-    """:func:`decide_category` inside a Ray task."""
+def decide_in_ray_task(job: CategoryJob, evaluation: str, directory: str, *args: Any) -> dict[str, Any]:
+    """:func:`decide_category` inside a Ray task (``args``: decision, val_fraction, seed, synthetic, then
+    the task's CPU count)."""
     import torch
 
+    *options, threads = args
     torch.set_num_threads(threads)
-    return decide_category(job, decision, val_fraction, seed, synthetic, directory)
+    return decide_category(job, evaluation, directory, *options)

@@ -160,6 +160,11 @@ class Gates(Strict):
     min_improvement: float = Field(0.0, ge=-1, le=1, description="challenger − champion image AUROC")
     max_pixel_auroc_drop: float = Field(0.02, ge=0, le=1)
     max_aupro_drop: float = Field(0.02, ge=0, le=1)
+    # at the challenger's own thresholds (decision), on the test split; null: not checked
+    max_image_fpr: float | None = Field(
+        None, ge=0, le=1, description="largest share of normal images flagged"
+    )
+    min_image_recall: float | None = Field(None, ge=0, le=1, description="smallest share of defects flagged")
 
 
 class Promote(Strict):
@@ -410,6 +415,10 @@ SAME_RESULTS_AS: dict[str, str] = {
     # PANDA-OE's official recipe and linear-probe head start (its own class only; a revision below):
     # kolektorsdd's PANDA job, whose module it shares, re-ran byte-identical under it
     "code-a03e74683be11223": "code-b469b7027ce0bae9",
+    # decisions (issue 21): components/decision.py, metrics.f1_max_threshold, evaluation.score_all (the
+    # test loop of fit_and_evaluate as a function); kolektorsdd's dn2, PatchCore and Gaussian jobs re-ran
+    # byte-identical under it (on the machine that ran the old code beside it)
+    "code-e6ae309a6994135c": "code-b469b7027ce0bae9",
 }
 
 # A method whose results changed under a code version that SAME_RESULTS_AS maps to an earlier one (the

@@ -207,6 +207,7 @@ def decide_task(
 ) -> dict[str, Any]:
     """Set the run's image and pixel thresholds on held-out normal images (flows/decide.py)."""
     folder = decision_folder(params, key)
+    evaluation = folder.parent / "evaluation"
     done = read_decision(folder)
     if done is not None:
         return done
@@ -215,10 +216,10 @@ def decide_task(
     args = (decision, t.val_fraction, params.seed, list(t.synthetic))
     t0 = time.perf_counter()
     if not os.environ.get("RAY_ADDRESS"):
-        result = decide_category(job, *args, folder, local_device(params))
+        result = decide_category(job, evaluation, folder, *args, local_device(params))
     else:  # a cluster: a Ray task, as the evaluation's
         ensure_ray()
-        result = remote_call(decide_in_ray_task, (job, *args, str(folder)), params)
+        result = remote_call(decide_in_ray_task, (job, str(evaluation), str(folder), *args), params)
     get_run_logger().info("%s: thresholds set in %.1f s", category, time.perf_counter() - t0)
     return result
 

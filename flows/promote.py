@@ -73,10 +73,39 @@ def _gate(gates: Any, name: str) -> float:
     return float(gates[name] if isinstance(gates, dict) else getattr(gates, name))
 
 
+def _optional_gate(gates: Any, name: str) -> float | None:
+    value = gates.get(name) if isinstance(gates, dict) else getattr(gates, name, None)
+    return None if value is None else float(value)
+
+
+def _operating_point(challenger: dict[str, Any], gates: Any) -> tuple[bool, list[str]]:
+    """The gates on the challenger's figures at its own thresholds (``max_image_fpr``, ``min_image_recall``);
+    a challenger without a decision fails a gate that is set."""
+    ok, reasons = True, []
+    for key, label, gate, worse in (
+        ("image_fpr", "false-alarm rate", "max_image_fpr", lambda v, g: v > g + 1e-12),
+        ("image_recall", "recall", "min_image_recall", lambda v, g: v < g - 1e-12),
+    ):
+        limit = _optional_gate(gates, gate)
+        if limit is None:
+            continue
+        value = _num(challenger, key)
+        if math.isnan(value):
+            ok = False
+            reasons.append(f"{label} at the threshold unknown (no decision) — gate {gate} {limit:.4f}")
+        elif worse(value, limit):
+            ok = False
+            reasons.append(f"{label} at the threshold {value:.4f} fails gate {gate} {limit:.4f}")
+        else:
+            reasons.append(f"{label} at the threshold {value:.4f} passes gate {gate} {limit:.4f}")
+    return ok, reasons
+
+
 def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, gates: Any) -> Decision:
     """Apply the promotion gates (params.promote.gates, or a dict of the same keys).
 
-    ``challenger`` / ``champion`` map metric names (image_auroc, pixel_auroc, aupro) to values and may
+    ``challenger`` / ``champion`` map metric names (image_auroc, pixel_auroc, aupro, and the figures at
+    the challenger's own thresholds: image_fpr, image_recall, ...) to values and may
     carry ``data_version``: a champion evaluated on another data version is not comparable — it is then
     ignored (as if there were none) and the reasons say so. Pixel gates are skipped when either value is
     NaN (data without masks).
@@ -93,6 +122,8 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, gates: A
         reasons.append(f"image AUROC {image:.4f} < minimum {floor:.4f}")
     else:
         reasons.append(f"image AUROC {image:.4f} ≥ minimum {floor:.4f}")
+    point_ok, point_reasons = _operating_point(challenger, gates)
+    ok, reasons = ok and point_ok, reasons + point_reasons
 
     if champion is not None:
         mine, theirs = challenger.get("data_version"), champion.get("data_version")

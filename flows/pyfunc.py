@@ -11,13 +11,24 @@ Output: a DataFrame, one row per input row, with columns
   (``np.asarray(row).reshape(S, S)``);
 - ``size``         int64, S, so a client can reshape the map without knowing the model.
 
+A model registered with its decision (flows/decide.py: thresholds set on held-out normal images) also
+answers
+
+- ``label``              ``"normal"`` or ``"anomalous"`` (score above the image threshold);
+- ``score_normalized``   float64 in [0, 1], the image threshold at 0.5 (components/decision.py);
+- ``map_normalized``     1-D float32 S*S, the anomaly map normalized the same way at the pixel threshold,
+  so maps of different models and categories share one colour scale;
+- ``defect_mask``        1-D uint8 S*S, 1 where the map is above the pixel threshold.
+
 Through ``mlflow models serve`` a POST to ``/invocations`` with
 ``{"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}`` answers
-``{"predictions": [{"score": 1.23, "anomaly_map": [..S*S floats..], "size": S}, ...]}``.
+``{"predictions": [{"score": 1.23, "anomaly_map": [..S*S floats..], "size": S, "label": "normal",
+...}, ...]}``.
 
-The model artifact holds only the saved method folder (``method/``: spec.json, backbone.safetensors,
-memory/); the code comes from the installed ``adaptad`` package (serve with ``--env-manager local`` in
-an environment where it is installed). The run's ``git_commit`` tag names the code version.
+The model artifact holds the saved method folder (``method/``: spec.json, backbone.safetensors,
+memory/) and, with a decision, its ``decision.json``: the thresholds travel inside the registered model.
+The code comes from the installed ``adaptad`` package (serve with ``--env-manager local`` in an
+environment where it is installed). The run's ``git_commit`` tag names the code version.
 """
 
 from __future__ import annotations
@@ -113,8 +124,9 @@ def decode_images(model_input: Any, image_size: int) -> np.ndarray:
     return out
 
 
-def predict_frame(method: Any, model_input: Any) -> pd.DataFrame:
-    """Score the images of ``model_input`` with a fitted method; see the module docstring for the format."""
+def predict_frame(method: Any, model_input: Any, calibration: Any = None) -> pd.DataFrame:
+    """Score the images of ``model_input`` with a fitted method, and decide with its ``calibration``
+    (components.decision.Calibration) when given; see the module docstring for the format."""
     import torch
 
     images = decode_images(model_input, method.image_size)
@@ -124,13 +136,32 @@ def predict_frame(method: Any, model_input: Any) -> pd.DataFrame:
         pred = method.predict(torch.from_numpy(images[start : start + CHUNK]))
         scores.append(np.asarray(pred.scores, np.float64).reshape(-1))
         maps.extend(np.asarray(m, np.float32).reshape(-1) for m in pred.maps)
-    return pd.DataFrame(
+    score = np.concatenate(scores) if scores else np.empty(0, np.float64)
+    frame = pd.DataFrame(
         {
-            "score": np.concatenate(scores) if scores else np.empty(0, np.float64),
+            "score": score,
             "anomaly_map": pd.Series(maps, dtype=object),
             "size": np.full(len(images), method.image_size, np.int64),
         }
     )
+    if calibration is not None:
+        image, pixel = calibration.image, calibration.pixel
+        frame["label"] = np.where(image.decide(score), "anomalous", "normal")
+        frame["score_normalized"] = image.normalize(score).astype(np.float64)
+        frame["map_normalized"] = pd.Series([pixel.normalize(m) for m in maps], dtype=object)
+        frame["defect_mask"] = pd.Series([pixel.decide(m).astype(np.uint8) for m in maps], dtype=object)
+    return frame
+
+
+def read_calibration(path: str | Path | None) -> Any:
+    """The Calibration of a decision.json (flows/decide.py), or None without one."""
+    import json
+
+    from components.decision import Calibration
+
+    if path is None or not Path(path).is_file():
+        return None
+    return Calibration.from_dict(json.loads(Path(path).read_text())["calibration"])
 
 
 class AnomalyModel(mlflow.pyfunc.PythonModel):
@@ -140,6 +171,7 @@ class AnomalyModel(mlflow.pyfunc.PythonModel):
         from components.methods import load_method
 
         self.method = load_method(context.artifacts["method"], device=None)
+        self.calibration = read_calibration(context.artifacts.get("decision"))
 
     def predict(
         self,
@@ -147,7 +179,7 @@ class AnomalyModel(mlflow.pyfunc.PythonModel):
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
-        return predict_frame(self.method, model_input)
+        return predict_frame(self.method, model_input, self.calibration)
 
 
 def example_input(image_path: str | Path, image_size: int) -> pd.DataFrame:
@@ -176,9 +208,13 @@ def pip_requirements() -> list[str]:
 
 
 def log_pyfunc(
-    method_dir: str | Path, example_image_path: str | Path, name: str = "model"
+    method_dir: str | Path,
+    example_image_path: str | Path,
+    name: str = "model",
+    decision: str | Path | None = None,
 ) -> mlflow.models.model.ModelInfo:
-    """Log the method folder as an :class:`AnomalyModel` in the active run, with signature and example.
+    """Log the method folder as an :class:`AnomalyModel` in the active run, with signature and example;
+    ``decision`` (a decision.json) travels with it and adds the labels, normalized maps and masks.
 
     The signature is inferred from the example and the model's real output on it (the method is loaded
     and run once here, so a model that cannot score never gets logged).
@@ -188,7 +224,7 @@ def log_pyfunc(
     method_dir = Path(method_dir)
     method = load_method(method_dir, device=None)
     example = example_input(example_image_path, method.image_size)
-    output = predict_frame(method, example)
+    output = predict_frame(method, example, read_calibration(decision))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
         signature = mlflow.models.infer_signature(example, output)
@@ -199,7 +235,7 @@ def log_pyfunc(
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(code),
-            artifacts={"method": str(method_dir)},
+            artifacts={"method": str(method_dir)} | ({"decision": str(decision)} if decision else {}),
             signature=signature,
             input_example=example,
             pip_requirements=pip_requirements(),

@@ -27,12 +27,13 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from components.decision import DECISION_METRICS
 from components.metrics import METRIC_KEYS
 from flows.params import Params, code_version, git_commit
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
-METRIC_TAGS = METRIC_KEYS
+METRIC_TAGS = METRIC_KEYS + DECISION_METRICS  # on every model version: what promotion gates read
 ARTIFACTS = (
     "heatmaps.png",
     "curves.png",
@@ -290,11 +291,29 @@ def monitor_markdown(training: dict[str, Any]) -> str:
     return f"**Collapse monitor** — {verdict}\n\n" + "\n".join(lines) + "\n\n"
 
 
-def version_description(record: dict[str, Any], training: dict[str, Any], link: str, run_name: str) -> str:
+def operating_point_markdown(decision: dict[str, Any] | None) -> str:
+    """The thresholds a model decides with, how they were set, and the test figures at them."""
+    if decision is None:
+        return "**Operating point** none: this version answers scores and maps only (no decision).\n\n"
+    c, m = decision["calibration"], decision["metrics"]
+    rate = f" at false-alarm rate {c['false_alarm_rate']}" if c.get("false_alarm_rate") else ""
+    rows = "\n".join(f"| {k} | {_fmt(m.get(k))} |" for k in DECISION_METRICS)
+    return (
+        f"**Operating point** set without test labels: rule `{c['rule']}`{rate} on {c['held_out_normal']}"
+        f" held-out normal train images (and {c['synthetic']} synthetic anomalies made from them), scored"
+        f" by a memory fitted without them; {_fmt(100 * c['held_out_false_alarm_rate'])} % of those"
+        " normals are above the image threshold.\n\n"
+        f"| at the thresholds (test split) | value |\n|---|---|\n{rows}\n\n"
+    )
+
+
+def version_description(
+    record: dict[str, Any], training: dict[str, Any], link: str, run_name: str, decision: dict | None = None
+) -> str:
     """Markdown a reviewer reads on the model version page."""
     metrics = record.get("metrics", {})
     spec = record.get("spec", {})
-    rows = "\n".join(f"| {k} | {_fmt(metrics.get(k))} |" for k in METRIC_TAGS)
+    rows = "\n".join(f"| {k} | {_fmt(metrics.get(k))} |" for k in METRIC_KEYS)
     spec_rows = "\n".join(f"| {k} | `{json.dumps(v, default=str)}` |" for k, v in spec.items())
     tags = training.get("tags") or {}
     train_lines = [
@@ -306,6 +325,7 @@ def version_description(record: dict[str, Any], training: dict[str, Any], link: 
     return (
         f"## {record.get('dataset')}/{record.get('category')} · {record.get('method')}\n\n"
         f"| metric (test split) | value |\n|---|---|\n{rows}\n\n"
+        f"{operating_point_markdown(decision)}"
         f"**Method** `{record.get('method')}`\n\n| spec | value |\n|---|---|\n{spec_rows}\n\n"
         f"**Data version** `{record.get('data_version')}` · **run key** `{record.get('run_key')}`\n\n"
         f"**Training**\n" + "\n".join(train_lines) + "\n\n"
@@ -392,6 +412,9 @@ def log_run(run_dir: str | Path, params: Params, decision_dir: str | Path | None
         raise FileNotFoundError(f"{run_dir}: not a run folder (no metrics.json)")
     training = _read_json(run_dir / "train.json", {})
     history = _read_json(run_dir / "history.json", [])
+    decision = _read_json(Path(decision_dir) / "decision.json", None) if decision_dir else None
+    if decision is not None:  # the figures at the thresholds go wherever the test metrics go
+        record = record | {"metrics": record.get("metrics", {}) | decision["metrics"]}
     key, dataset, category = record["run_key"], record["dataset"], record["category"]
     method = record.get("method", params.method)
 
@@ -426,7 +449,7 @@ def log_run(run_dir: str | Path, params: Params, decision_dir: str | Path | None
                 model_name,
                 model_uri,
                 version_tags(record, finished.data.tags.get("git_commit", commit), code),
-                version_description(record, training, link, run_name),
+                version_description(record, training, link, run_name, decision),
             )
         return {"run_id": finished.info.run_id, "model_name": model_name, "version": version, "skipped": True}
 
@@ -449,9 +472,7 @@ def log_run(run_dir: str | Path, params: Params, decision_dir: str | Path | None
         run_id = run.info.run_id
         mlflow.log_params(run_params(record, params))
         metrics = {k: v for k, v in record.get("metrics", {}).items() if _finite(v) is not None}
-        decision = _read_json(Path(decision_dir) / "decision.json", None) if decision_dir else None
         if decision is not None:
-            metrics |= {k: v for k, v in decision["metrics"].items() if _finite(v) is not None}
             calibration = decision["calibration"]
             mlflow.log_params({f"decision.{k}": calibration[k] for k in ("rule", "false_alarm_rate")})
             mlflow.log_artifact(str(Path(decision_dir) / "decision.json"))
@@ -475,7 +496,8 @@ def log_run(run_dir: str | Path, params: Params, decision_dir: str | Path | None
             example = _example_image(run_dir, Path(scratch))
             if example is None:
                 raise FileNotFoundError(f"{run_dir}: no readable test image for the model's input example")
-            info = log_pyfunc(run_dir / "method", example)
+            decided = Path(decision_dir) / "decision.json" if decision is not None else None
+            info = log_pyfunc(run_dir / "method", example, decision=decided)
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
         if register:
             link = run_link(experiment, run_id)
@@ -484,6 +506,6 @@ def log_run(run_dir: str | Path, params: Params, decision_dir: str | Path | None
                 model_name,
                 info.model_uri,
                 version_tags(record, commit, code),
-                version_description(record, training, link, run_name),
+                version_description(record, training, link, run_name, decision),
             )
     return {"run_id": run_id, "model_name": model_name, "version": version, "skipped": False}

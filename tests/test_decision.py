@@ -113,7 +113,9 @@ def test_held_out_images_are_not_in_the_memory_that_sets_the_threshold(
     spec = MethodSpec("dn2", "tf_efficientnet_lite0", "pypi", None, 64, {"k": 1})
     job = _evaluated(data_root, tmp_path, spec)
     decision = {"rule": "normal_quantile", "false_alarm_rate": 0.2}
-    doc = decide_category(job, decision, 0.2, 0, ["cutpaste", "noise"], tmp_path / "decision")
+    doc = decide_category(
+        job, tmp_path / "evaluation", tmp_path / "decision", decision, 0.2, 0, ["cutpaste", "noise"]
+    )
     fit, normals = held_out(job.train, 0.2, 0)
     assert len(normals) == 5 and not {s.path for s in fit} & {s.path for s in normals}
     held = pq.read_table(tmp_path / "decision" / "calibration.parquet").to_pandas()
@@ -149,7 +151,7 @@ def test_realized_false_alarm_rate_on_other_normal_images_is_near_the_target(tmp
     )
     evaluate_category(job, tmp_path / "evaluation")
     decision = {"rule": "normal_quantile", "false_alarm_rate": 0.05}
-    doc = decide_category(job, decision, 0.2, 0, ["cutpaste"], tmp_path / "decision")
+    doc = decide_category(job, tmp_path / "evaluation", tmp_path / "decision", decision, 0.2, 0, ["cutpaste"])
     assert doc["calibration"]["held_out_normal"] == 600
     realized = doc["metrics"]["image_fpr"]
     assert 0.01 <= realized <= 0.08, realized

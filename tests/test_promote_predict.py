@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
@@ -27,7 +28,7 @@ from flows.cli import main
 from flows.params import Gates, load_params
 from flows.promote import decide, promote_category, run_promote
 from flows.tracking import log_run
-from tests.test_tracking import copy_with_key, free_port, make_run_folder, write_params
+from tests.test_tracking import copy_with_key, free_port, make_decision, make_run_folder, write_params
 
 MODEL = "adaptad-mini-kolektorsdd"
 GATES = Gates(min_image_auroc=0.6, min_improvement=0.01, max_pixel_auroc_drop=0.02, max_aupro_drop=0.02)
@@ -68,6 +69,21 @@ def test_decide_is_nan_aware_and_checks_the_data_version() -> None:
         "data version v0" in r and "not comparable" in r for r in other_data.reasons
     )
     assert not decide(m(0.5), m(0.3, data="v0"), GATES).promote  # still needs the floor
+
+
+def test_decide_gates_the_operating_point_when_asked() -> None:
+    gates = GATES.model_copy(update={"max_image_fpr": 0.1, "min_image_recall": 0.8})
+    good = m(0.9) | {"image_fpr": 0.05, "image_recall": 0.85}
+    assert decide(good, None, gates).promote and decide(good, None, GATES).promote
+    noisy = decide(good | {"image_fpr": 0.2}, None, gates)
+    assert not noisy.promote and any(
+        "false-alarm rate at the threshold 0.2000 fails" in r for r in noisy.reasons
+    )
+    blind = decide(good | {"image_recall": 0.5}, None, gates)
+    assert not blind.promote and any("recall at the threshold 0.5000 fails" in r for r in blind.reasons)
+    undecided = decide(m(0.9), None, gates)  # a version registered without thresholds
+    assert not undecided.promote and any("unknown (no decision)" in r for r in undecided.reasons)
+    assert decide(m(0.9), None, GATES).promote  # unset gates check nothing
 
 
 # --- real registry ------------------------------------------------------------------------------------------
@@ -227,12 +243,17 @@ def test_approval_pauses_the_flow_for_a_reviewer(folders, data_root, tmp_path) -
 
 
 # --- predict and serve the champion -------------------------------------------------------------------------
+def champion_decision(tracking_uri: str) -> Path:
+    """The decision folder the champion fixture registered with (beside its store)."""
+    return Path(tracking_uri.removeprefix("sqlite:///")).parents[1] / "decision"
+
+
 @pytest.fixture(scope="module")
 def champion(folders, data_root, tmp_path_factory) -> str:
-    """A registry whose champion is the good model; returns the tracking URI."""
+    """A registry whose champion is the good model, registered with its decision; returns the tracking URI."""
     tmp = tmp_path_factory.mktemp("champion")
     params = load_params(write_params(tmp / "params.yaml", data_root, tmp / "store"))
-    log_run(folders[0], params)
+    log_run(folders[0], params, make_decision(data_root, folders[0], tmp / "decision"))
     assert promote_category(MlflowClient(params.mlflow.tracking_uri), MODEL, params.promote.gates)["promoted"]
     return params.mlflow.tracking_uri
 
@@ -253,14 +274,32 @@ def test_predict_cli_writes_scores_and_heatmaps(champion, folders, data_root, tm
             strict=True,
         )
     )
+    # the champion carries the thresholds it was registered with (its decision.json), and its version the
+    # figures at them: tags the promotion gates read, a section of the description a reviewer reads
+    decision = json.loads((champion_decision(champion) / "decision.json").read_text())
+    decided = decision["calibration"]
+    version = MlflowClient(champion).get_model_version_by_alias(MODEL, "champion")
+    assert float(version.tags["image_fpr"]) == decision["metrics"]["image_fpr"]
+    assert float(version.tags["image_threshold"]) == decided["image"]["value"]
+    assert (
+        "**Operating point** set without test labels: rule `normal_quantile` at false-alarm rate 0.2 on 5"
+        in (version.description)
+    )
     for row, sample in zip(rows, chosen, strict=True):
         assert float(row["score"]) == pytest.approx(evaluated[sample.path], rel=1e-4)
         heatmap = out / f"{Path(sample.path).stem}_heatmap.png"
         assert row["heatmap"] == heatmap.name
         with Image.open(heatmap) as png, Image.open(sample.path) as original:
             assert png.mode == "RGB" and png.size == original.size
+        anomalous = float(row["score"]) > decided["image"]["value"]
+        assert row["label"] == ("anomalous" if anomalous else "normal")
+        assert (float(row["score_normalized"]) > 0.5) == anomalous
+        with Image.open(out / row["mask"]) as mask, Image.open(sample.path) as original:
+            assert mask.size == original.size and set(np.unique(np.asarray(mask))) <= {0, 255}
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["scores.csv", *(f"{Path(s.path).stem}_heatmap.png" for s in chosen)]
+        ["scores.csv"]
+        + [f"{Path(s.path).stem}_heatmap.png" for s in chosen]
+        + [f"{Path(s.path).stem}_mask.png" for s in chosen]
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred"]  # no temp folder left
 
@@ -358,9 +397,16 @@ def test_mlflow_models_serve_answers_invocations(champion, folders, data_root) -
             )
         )
         assert len(predictions) == 2
+        threshold = json.loads((champion_decision(champion) / "decision.json").read_text())["calibration"]
         for p, s in zip(predictions, test, strict=True):
             assert p["size"] == 96 and len(p["anomaly_map"]) == 96 * 96
             assert p["score"] == pytest.approx(evaluated[s.path], rel=1e-4)
+            # the same decision as predict: label, normalized score and map, defect mask
+            assert p["label"] == ("anomalous" if p["score"] > threshold["image"]["value"] else "normal")
+            assert (p["score_normalized"] > 0.5) == (p["label"] == "anomalous")
+            above = np.asarray(p["anomaly_map"]) > threshold["pixel"]["value"]
+            assert np.array_equal(np.asarray(p["defect_mask"]) == 1, above)
+            assert np.array_equal(np.asarray(p["map_normalized"]) > 0.5, above)
         bad = json.dumps({"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}}).encode()
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(

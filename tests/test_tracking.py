@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 
 from components.data import ImageDataset, scan_mvtec
 from components.methods import MethodSpec, load_method
+from flows.decide import decide_category
 from flows.evaluate import CategoryJob, evaluate_category
 from flows.params import load_params
 from flows.pyfunc import encode_image_file
@@ -43,10 +44,10 @@ def _env():
         yield
 
 
-def make_run_folder(root: Path, out: Path, key: str, weights: str = "pypi", history=None) -> Path:
-    """A real run folder; ``weights="none"`` is a random backbone, seeded so that it is reproducible."""
+def run_job(root: Path, key: str, weights: str = "pypi", history=None) -> CategoryJob:
+    """The evaluation job of the kolektorsdd subset under ``root`` (PatchCore at 96 px)."""
     samples = scan_mvtec(root, "kolektorsdd")
-    job = CategoryJob(
+    return CategoryJob(
         dataset="mini",
         category="kolektorsdd",
         run_key=key,
@@ -59,9 +60,20 @@ def make_run_folder(root: Path, out: Path, key: str, weights: str = "pypi", hist
         training={"seconds": 1.5, "epochs": len(history or []), "tags": {"panda.fisher": "none"}}
         | {"history": history or []},
     )
+
+
+def make_run_folder(root: Path, out: Path, key: str, weights: str = "pypi", history=None) -> Path:
+    """A real run folder; ``weights="none"`` is a random backbone, seeded so that it is reproducible."""
     with torch.random.fork_rng():
         torch.manual_seed(1)
-        evaluate_category(job, out)
+        evaluate_category(run_job(root, key, weights, history), out)
+    return out
+
+
+def make_decision(root: Path, run_dir: Path, out: Path) -> Path:
+    """The decision folder of the pypi run folder ``run_dir`` (24 train images hold out 5: rate 0.2)."""
+    decision = {"rule": "normal_quantile", "false_alarm_rate": 0.2}
+    decide_category(run_job(root, "key"), run_dir, out, decision, 0.2, 0, ["cutpaste", "noise"])
     return out
 
 

@@ -92,13 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="score images with a registered model (MLflow registry)",
         description="Load a registered model (e.g. models:/adaptad-demo-deeppcb@champion) and write "
-        "DIR/scores.csv (path, score, heatmap) and one DIR/<stem>_heatmap.png per image. The output "
-        "folder appears only when everything succeeded.",
+        "DIR/scores.csv (path, score, heatmap; with the model's thresholds: label, score_normalized, mask) "
+        "and DIR/<stem>_heatmap.png (and _mask.png) per image. The output folder appears only when "
+        "everything succeeded.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     from flows.predict import add_arguments
 
     add_arguments(predict)
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="new thresholds for a registered model from new normal images (no retraining)",
+        description="Score a folder of new normal images with a registered model, set its image and pixel "
+        "thresholds from them and register the result as a new version (alias challenger): the same "
+        "weights and memory, the new thresholds. Nothing is registered on bad input.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from flows.calibrate import add_arguments as add_calibrate_arguments
+
+    add_calibrate_arguments(calibrate)
     return parser
 
 
@@ -371,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
             from flows.predict import predict_command
 
             print(json.dumps(predict_command(args)))
+        elif args.command == "calibrate":
+            from flows.calibrate import calibrate_command
+
+            print(json.dumps(calibrate_command(args)))
         elif args.command in ("prepare", "pipeline", "promote", "grid"):
             return pipeline_command(args)
     except UsageError as err:

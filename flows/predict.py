@@ -49,27 +49,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_model(uri: str) -> None:
-    """A clean one-line error for an unknown registered model, version or alias."""
+def check_model(uri: str, option: str = "--model") -> Any:
+    """The registered model version ``uri`` names (None for a logged model id ``models:/m-...``), or a clean
+    one-line error for an unknown registered model, version or alias."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     if not uri.startswith("models:/"):
-        raise UsageError(f"--model {uri}: expected a registry URI models:/NAME@ALIAS or models:/NAME/VERSION")
+        raise UsageError(
+            f"{option} {uri}: expected a registry URI models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
     ref = uri.removeprefix("models:/")
     client = MlflowClient()
     try:
         if "@" in ref:
             name, alias = ref.split("@", 1)
-            client.get_model_version_by_alias(name, alias)
-        elif "/" in ref:
+            return client.get_model_version_by_alias(name, alias)
+        if "/" in ref:
             name, version = ref.split("/", 1)
-            client.get_model_version(name, version)
-        elif not ref.startswith("m-"):  # a logged model id is looked up by load_model
-            raise UsageError(f"--model {uri}: name an alias or a version (models:/NAME@champion)")
+            return client.get_model_version(name, version)
+        if not ref.startswith("m-"):  # a logged model id is looked up by load_model
+            raise UsageError(f"{option} {uri}: name an alias or a version (models:/NAME@champion)")
     except MlflowException as err:
         message = " ".join(str(err.message).split())
-        raise UsageError(f"--model {uri}: {message}") from None
+        raise UsageError(f"{option} {uri}: {message}") from None
+    return None
 
 
 def overlay(image, amap: np.ndarray, vmin: float, vmax: float, mask: np.ndarray | None = None):
@@ -136,7 +140,7 @@ def predict_command(args: argparse.Namespace) -> dict[str, Any]:
     except TrackingError as err:
         raise UsageError(str(err)) from None
     use_tracking(uri)
-    _check_model(args.model)
+    check_model(args.model)
 
     import mlflow
     from mlflow.exceptions import MlflowException

@@ -18,7 +18,8 @@ answers
 - ``score_normalized``   float64 in [0, 1], the image threshold at 0.5 (components/decision.py);
 - ``map_normalized``     1-D float32 S*S, the anomaly map normalized the same way at the pixel threshold,
   so maps of different models and categories share one colour scale;
-- ``defect_mask``        1-D uint8 S*S, 1 where the map is above the pixel threshold.
+- ``defect_mask``        1-D int32 S*S (no uint8 in MLflow schemas), 1 where the map is above the pixel
+  threshold.
 
 Through ``mlflow models serve`` a POST to ``/invocations`` with
 ``{"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}`` answers
@@ -149,7 +150,7 @@ def predict_frame(method: Any, model_input: Any, calibration: Any = None) -> pd.
         frame["label"] = np.where(image.decide(score), "anomalous", "normal")
         frame["score_normalized"] = image.normalize(score).astype(np.float64)
         frame["map_normalized"] = pd.Series([pixel.normalize(m) for m in maps], dtype=object)
-        frame["defect_mask"] = pd.Series([pixel.decide(m).astype(np.uint8) for m in maps], dtype=object)
+        frame["defect_mask"] = pd.Series([pixel.decide(m).astype(np.int32) for m in maps], dtype=object)
     return frame
 
 

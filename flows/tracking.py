@@ -298,11 +298,12 @@ def operating_point_markdown(decision: dict[str, Any] | None) -> str:
     c, m = decision["calibration"], decision["metrics"]
     rate = f" at false-alarm rate {c['false_alarm_rate']}" if c.get("false_alarm_rate") else ""
     rows = "\n".join(f"| {k} | {_fmt(m.get(k))} |" for k in DECISION_METRICS)
+    where = "held-out normal train images" if "recalibrated" not in decision else "new normal images"
     return (
         f"**Operating point** set without test labels: rule `{c['rule']}`{rate} on {c['held_out_normal']}"
-        f" held-out normal train images (and {c['synthetic']} synthetic anomalies made from them), scored"
-        f" by a memory fitted without them; {_fmt(100 * c['held_out_false_alarm_rate'])} % of those"
-        " normals are above the image threshold.\n\n"
+        f" {where} (and {c['synthetic']} synthetic anomalies made from them), scored by a memory that"
+        f" does not hold them; {_fmt(100 * c['held_out_false_alarm_rate'])} % of those normals are above"
+        " the image threshold.\n\n"
         f"| at the thresholds (test split) | value |\n|---|---|\n{rows}\n\n"
     )
 

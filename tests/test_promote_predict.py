@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
@@ -423,3 +425,71 @@ def test_mlflow_models_serve_answers_invocations(champion, folders, data_root) -
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_calibrate_registers_new_thresholds_without_retraining(
+    champion, industrial_root, tmp_path, capsys
+) -> None:
+    """New normal images (kolektorsdd train images the model never saw) set new thresholds: a new version
+    with the same weights and memory, alias challenger; bad input registers nothing."""
+    client = MlflowClient(champion)
+    source = client.get_model_version_by_alias(MODEL, "champion")
+    new = tmp_path / "new"
+    new.mkdir()
+    for path in sorted((industrial_root / "kolektorsdd" / "train" / "good").iterdir())[200:230]:
+        shutil.copy(path, new / path.name)
+    before = len(client.search_model_versions(f"name='{MODEL}'"))
+    argv = ["calibrate", "--model", f"models:/{MODEL}@champion", "--tracking-uri", champion]
+
+    empty, corrupt, few = tmp_path / "empty", tmp_path / "corrupt", tmp_path / "few"
+    empty.mkdir()
+    shutil.copytree(new, corrupt)
+    (corrupt / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    few.mkdir()
+    for path in sorted(new.iterdir())[:5]:
+        shutil.copy(path, few / path.name)
+    for images, extra, needle in [
+        (empty, [], "--images " + str(empty) + ": no image files"),
+        (corrupt, [], "broken.png"),
+        (few, [], "5 images; rule normal_quantile at false-alarm rate 0.05 needs at least 20"),
+        (
+            new,
+            ["--false-alarm-rate", "0.01"],
+            "30 images; rule normal_quantile at false-alarm rate 0.01 needs at least 100",
+        ),
+        (new, ["--model", "models:/no-such-model@champion"], "--model models:/no-such-model@champion: "),
+    ]:
+        assert main([*argv, "--images", str(images), *extra]) == 2
+        assert needle in capsys.readouterr().err
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == before  # nothing registered
+
+    assert main([*argv, "--images", str(new), "--false-alarm-rate", "0.1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["source_version"] == str(source.version) and out["images"] == 30
+    version = client.get_model_version(MODEL, out["version"])
+    assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == out["version"]
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == str(source.version)  # unchanged
+    assert (
+        version.tags["recalibrated_from"] == str(source.version)
+        and version.tags["run_key"] == source.tags["run_key"]
+    )
+    assert version.tags["image_auroc"] == source.tags["image_auroc"] and version.tags["image_fpr"] == "nan"
+    assert "Re-calibrated from version" in version.description and "no retraining" in version.description
+    assert (
+        float(version.tags["image_threshold"])
+        == out["image_threshold"]
+        != float(source.tags["image_threshold"])
+    )
+    # the new version scores as the old one (same weights and memory) and decides with the new thresholds
+    import mlflow
+
+    frame = pd.DataFrame(
+        {"image": [base64.b64encode(p.read_bytes()).decode() for p in sorted(new.iterdir())[:3]]}
+    )
+    old_model, new_model = (
+        mlflow.pyfunc.load_model(f"models:/{MODEL}/{v}") for v in (source.version, out["version"])
+    )
+    old, fresh = old_model.predict(frame), new_model.predict(frame)
+    assert np.allclose(old["score"], fresh["score"])
+    assert (fresh["label"] == np.where(fresh["score"] > out["image_threshold"], "anomalous", "normal")).all()
+    assert 0.0 <= out["held_out_false_alarm_rate"] <= 0.1

@@ -29,6 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--images", required=True, type=Path, help="folder of new NORMAL images (searched recursively)"
     )
+    add_decision_arguments(parser)
+    parser.add_argument(
+        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    )
+
+
+def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--rule``, ``--false-alarm-rate``, ``--synthetic``: how thresholds are set (components.decision)."""
     parser.add_argument(
         "--rule", default="normal_quantile", choices=("normal_quantile", "synthetic_f1"), help="decision rule"
     )
@@ -36,10 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--false-alarm-rate", type=float, default=0.05, help="normal_quantile: share of normal images above"
     )
     parser.add_argument(
-        "--synthetic", nargs="*", default=["cutpaste", "noise"], help="synthetic anomaly kinds (synthetic_f1)"
-    )
-    parser.add_argument(
-        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+        "--synthetic",
+        nargs="*",
+        default=["cutpaste", "noise"],
+        help="synthetic anomaly kinds made from the normal images (synthetic_f1's positives)",
     )
 
 
@@ -47,8 +55,7 @@ def calibrate_command(args: argparse.Namespace) -> dict[str, Any]:
     """Execute ``adaptad calibrate``; returns ``{"model_name", "version", "source_version", ...}``."""
     from components.data import DataError, build_manifest, scan_image_folder, synthetic_anomalies
     from components.decision import CalibrationError, calibrate, required_normals
-    from flows.predict import check_model
-    from flows.tracking import TrackingError, check_tracking, resolve_tracking_uri, use_tracking
+    from flows.predict import open_registry
 
     try:
         need = required_normals(args.rule, args.false_alarm_rate)
@@ -61,13 +68,7 @@ def calibrate_command(args: argparse.Namespace) -> dict[str, Any]:
             f"--images {args.images}: {len(images)} images; rule {args.rule} at false-alarm rate "
             f"{args.false_alarm_rate} needs at least {need}"
         )
-    uri = args.tracking_uri or resolve_tracking_uri(None)
-    try:
-        check_tracking(uri, must_exist=True)
-    except TrackingError as err:
-        raise UsageError(str(err)) from None
-    use_tracking(uri)
-    source = check_model(args.model)
+    source = open_registry(args.tracking_uri, args.model)
     if source is None:
         raise UsageError(f"--model {args.model}: name a registered version or alias (models:/NAME@champion)")
 

@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="fit one method on one category and evaluate it",
         description="Fit a method on <data-root>/<category>/train/good, score the test split and write "
-        "DIR/metrics.json (image/pixel AUROC, AUPRO@0.3, F1-max, timings), DIR/scores.parquet and "
-        "DIR/heatmaps.png. The output folder appears only when everything succeeded.",
+        "DIR/metrics.json (image/pixel AUROC, AUPRO@0.3, F1-max, timings; the thresholds set on held-out "
+        "train images and the test figures at them), DIR/scores.parquet (with score_normalized and "
+        "predicted) and DIR/heatmaps.png. The output folder appears only when everything succeeded.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     run.add_argument(
@@ -87,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="method parameter, repeatable, e.g. coreset_ratio=0.01, k=5, d=100 (JSON values)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="train images held out of a second memory to set the thresholds on (0: no thresholds)",
+    )
+    from flows.calibrate import add_decision_arguments
+
+    add_decision_arguments(run)
     _add_pipeline_commands(sub)
     predict = sub.add_parser(
         "predict",
@@ -307,9 +317,11 @@ def run_command(args: argparse.Namespace) -> dict:
     from components.backbones import BackboneError, FeatureExtractor, default_device
     from components.banks import replace_dir
     from components.data import DataError, build_manifest, scan_mvtec
+    from components.decision import CalibrationError
     from components.evaluation import fit_and_evaluate
     from components.methods import method_class
     from components.plots import heatmap_grid
+    from flows.decide import CLI_NAMES, calibrate_held_out, check_decision, decided_scores, figures_at
 
     out: Path = args.output
     if out.exists() and any(out.iterdir()) and not args.force:
@@ -327,19 +339,33 @@ def run_command(args: argparse.Namespace) -> dict:
         )
         extractor.check_image_size(args.image_size)
         method = cls(extractor, args.image_size, progress=not args.quiet, **dict(args.param))
-    except (DataError, BackboneError) as err:
+        train = [s for s in samples if s.split == "train"]
+        test = [s for s in samples if s.split == "test"]
+        decision = {"rule": args.rule, "false_alarm_rate": args.false_alarm_rate}
+        if args.val_fraction:
+            where = str(args.data_root / args.category)
+            check_decision(
+                args.rule, args.false_alarm_rate, args.val_fraction, {args.category: train}, where, CLI_NAMES
+            )
+    except (DataError, BackboneError, CalibrationError) as err:
         raise UsageError(str(err)) from err
     except (TypeError, ValueError) as err:
         raise UsageError(f"--method {args.method}: {err}") from err
     t_ready = time.perf_counter()
 
-    train = [s for s in samples if s.split == "train"]
-    test = [s for s in samples if s.split == "test"]
+    calibration = held = None
+    if args.val_fraction:  # a second memory without the held-out images sets the thresholds
+        twin = cls(extractor, args.image_size, progress=False, **dict(args.param))
+        options = (args.val_fraction, 0, list(args.synthetic), args.batch_size, args.workers)
+        calibration, held = calibrate_held_out(twin, train, decision, *options)
+        del twin
+    t_calibrated = time.perf_counter()
     result = fit_and_evaluate(method, train, test, args.batch_size, args.workers, has_masks=not args.no_masks)
     metrics = {
         **{k: float(v) for k, v in result.metrics.items()},
         **result.timings,
         "setup_seconds": t_ready - t_start,
+        "decision_seconds": t_calibrated - t_ready,
         "total_seconds": time.perf_counter() - t_start,
         "method": args.method,
         "category": args.category,
@@ -350,13 +376,22 @@ def run_command(args: argparse.Namespace) -> dict:
         "params": dict(args.param),
         "device": str(device),
     }
+    table = result.table()
+    if calibration is not None:
+        labels = [s.label for s in test]
+        maps, masks = (None, None) if args.no_masks else (result.maps, result.masks)
+        metrics |= figures_at(calibration, result.scores, labels, maps, masks)
+        metrics["decision"] = calibration.to_dict()
+        table = decided_scores(table, calibration)
 
     import pyarrow.parquet as pq
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        pq.write_table(result.table(), tmp / "scores.parquet")
+        pq.write_table(table, tmp / "scores.parquet")
+        if held is not None:
+            pq.write_table(held, tmp / "calibration.parquet")
         heatmap_grid(
             result.samples,
             result.scores,

@@ -40,7 +40,7 @@ from components.banks import replace_dir
 from components.data import DataError, Sample, split_validation, synthetic_anomalies
 from components.decision import Calibration, calibrate, image_operating_point, pixel_f1, required_normals
 from components.evaluation import loader, score_all
-from components.methods import build_method, load_method, load_networks
+from components.methods import AnomalyMethod, build_method, load_method, load_networks
 from flows.evaluate import CategoryJob
 
 #: the code whose change gives every decision a new key (the run's own code is in its run key)
@@ -64,20 +64,76 @@ def held_out(train: list[Sample], val_fraction: float, seed: int) -> tuple[list[
     return split_validation(list(train), val_fraction, seed=seed)
 
 
+PARAM_NAMES = {"rule": "decision.rule", "rate": "decision.false_alarm_rate", "fraction": "train.val_fraction"}
+CLI_NAMES = {"rule": "--rule", "rate": "--false-alarm-rate", "fraction": "--val-fraction"}
+
+
 def check_decision(
-    rule: str, false_alarm_rate: float, val_fraction: float, categories: dict[str, list[Sample]], where: str
+    rule: str,
+    false_alarm_rate: float,
+    val_fraction: float,
+    categories: dict[str, list[Sample]],
+    where: str,
+    names: dict[str, str] = PARAM_NAMES,
 ) -> None:
-    """Refuse, before any work, a category whose held-out slice is too small for the rule (DataError)."""
+    """Refuse, before any work, a category whose held-out slice is too small for the rule (DataError);
+    ``names``: what the user calls the three settings (params keys, or the CLI's options)."""
     need = required_normals(rule, false_alarm_rate)
     for category, train in categories.items():
         _, normals = held_out(train, val_fraction, 0)  # the slice's size does not depend on the seed
         if len(normals) < need:
             raise DataError(
-                f"{where}: category {category!r}: decision.rule {rule} (false_alarm_rate {false_alarm_rate})"
-                f" needs {need} held-out normal images; train.val_fraction {val_fraction} holds out"
+                f"{where}: category {category!r}: {names['rule']} {rule} ({names['rate']} {false_alarm_rate})"
+                f" needs {need} held-out normal images; {names['fraction']} {val_fraction} holds out"
                 f" {len(normals)} of its {len(train)} train images — add train images, raise"
-                " train.val_fraction or decision.false_alarm_rate, or choose another rule"
+                f" {names['fraction']} or {names['rate']}, or choose another rule"
             )
+
+
+def calibrate_held_out(
+    method: AnomalyMethod,
+    train: list[Sample],
+    decision: dict[str, Any],
+    val_fraction: float,
+    seed: int,
+    synthetic: list[str],
+    batch_size: int = 16,
+    workers: int = 0,
+) -> tuple[Calibration, pa.Table]:
+    """Fit ``method`` (a fresh instance, its networks loaded) on the fit part of ``train``, score the
+    held-out normal images and their synthetic anomalies, and set the thresholds; also returns those
+    scores (path, defect, label, score) — the table ``calibration.parquet`` keeps."""
+    fit, normals = held_out(train, val_fraction, seed)
+    size = method.image_size
+    method.fit(loader(fit, size, batch_size, workers))
+    normal_scores, normal_maps, _ = score_all(method, loader(normals, size, batch_size, workers))
+    fakes = synthetic_anomalies(normals, synthetic)  # the rule's positives, and the normalization's top
+    fake: tuple = (None, None, None)
+    if fakes:
+        fake = score_all(method, loader(fakes, size, batch_size, workers))
+    calibration = calibrate(
+        decision["rule"], normal_scores, normal_maps, *fake, false_alarm_rate=decision["false_alarm_rate"]
+    )
+    held = normals + fakes
+    table = pa.table(
+        {
+            "path": [s.path for s in held],
+            "defect": [s.defect for s in held],
+            "label": pa.array([s.label for s in held], pa.int8()),
+            "score": pa.array(np.r_[normal_scores, [] if fake[0] is None else fake[0]], pa.float32()),
+        }
+    )
+    return calibration, table
+
+
+def figures_at(
+    calibration: Calibration, scores: np.ndarray, labels: np.ndarray, maps=None, masks=None
+) -> dict[str, float]:
+    """The test split's figures at the thresholds (pixel F1 where ``maps`` and ``masks`` are given)."""
+    metrics = {"image_threshold": calibration.image.value, "pixel_threshold": calibration.pixel.value}
+    metrics |= image_operating_point(scores, labels, calibration.image)
+    metrics["pixel_f1"] = float("nan") if maps is None else pixel_f1(maps, masks, calibration.pixel)
+    return metrics
 
 
 def decide_category(
@@ -93,62 +149,41 @@ def decide_category(
     """Calibrate ``job``'s finished run folder ``evaluation`` and write the decision folder ``directory``."""
     t0 = time.perf_counter()
     evaluation = Path(evaluation)
-    fit, normals = held_out(job.train, val_fraction, seed)
     method = build_method(job.spec, device, progress=False)
     if job.trained is not None:
         load_networks(method, job.trained)
     method.extractor.eval()
-    size, bs, workers = job.spec.image_size, job.batch_size, job.loader_workers
-    method.fit(loader(fit, size, bs, workers))
-    normal_scores, normal_maps, _ = score_all(method, loader(normals, size, bs, workers))
-    fakes = synthetic_anomalies(normals, synthetic)  # the rule's positives, and the normalization's top
-    fake_scores = fake_maps = fake_masks = None
-    if fakes:
-        fake_scores, fake_maps, fake_masks = score_all(method, loader(fakes, size, bs, workers))
-    del method
-    calibration = calibrate(
-        decision["rule"],
-        normal_scores,
-        normal_maps,
-        fake_scores,
-        fake_maps,
-        fake_masks,
-        false_alarm_rate=decision["false_alarm_rate"],
+    bs, workers = job.batch_size, job.loader_workers
+    calibration, held = calibrate_held_out(
+        method, job.train, decision, val_fraction, seed, synthetic, bs, workers
     )
+    del method
     scores = pq.read_table(evaluation / "scores.parquet")
     score = scores.column("score").to_numpy().astype(np.float64)
-    metrics = image_operating_point(score, scores.column("label").to_numpy(), calibration.image)
-    metrics |= {"image_threshold": calibration.image.value, "pixel_threshold": calibration.pixel.value}
-    metrics["pixel_f1"] = float("nan")
+    maps = masks = None
     if job.masks:  # the deployed model's test maps at the pixel threshold
         deployed = load_method(evaluation / "method", device)
-        _, maps, masks = score_all(deployed, loader(job.test, size, bs, workers))
-        metrics["pixel_f1"] = pixel_f1(maps, masks, calibration.pixel)
+        _, maps, masks = score_all(deployed, loader(job.test, job.spec.image_size, bs, workers))
+    metrics = figures_at(calibration, score, scores.column("label").to_numpy(), maps, masks)
     metrics["decision_seconds"] = time.perf_counter() - t0
     doc = {"run_key": job.run_key, "calibration": calibration.to_dict(), "metrics": metrics}
-    held = normals + fakes
-    calibration_scores = pa.table(
-        {
-            "path": [s.path for s in held],
-            "defect": [s.defect for s in held],
-            "label": pa.array([s.label for s in held], pa.int8()),
-            "score": pa.array(np.r_[normal_scores, [] if fake_scores is None else fake_scores], pa.float32()),
-        }
-    )
-    _write(Path(directory), doc, scores, calibration, score, calibration_scores)
+    _write(Path(directory), doc, decided_scores(scores, calibration), held)
     return doc
 
 
-def _write(
-    target: Path, doc: dict, scores: pa.Table, calibration: Calibration, score: np.ndarray, held: pa.Table
-) -> None:
+def decided_scores(scores: pa.Table, calibration: Calibration) -> pa.Table:
+    """A scores table (``score`` column) with ``score_normalized`` and ``predicted`` (0/1) added."""
+    score = scores.column("score").to_numpy().astype(np.float64)
+    table = scores.append_column("score_normalized", pa.array(calibration.image.normalize(score)))
+    return table.append_column("predicted", pa.array(calibration.image.decide(score).astype(np.int8)))
+
+
+def _write(target: Path, doc: dict, scores: pa.Table, held: pa.Table) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         pq.write_table(held, tmp / "calibration.parquet")
-        table = scores.append_column("score_normalized", pa.array(calibration.image.normalize(score)))
-        table = table.append_column("predicted", pa.array(calibration.image.decide(score).astype(np.int8)))
-        pq.write_table(table, tmp / "scores.parquet")
+        pq.write_table(scores, tmp / "scores.parquet")
         (tmp / "decision.json").write_text(json.dumps(doc, indent=2, allow_nan=True))
         replace_dir(tmp, target)
     finally:

@@ -76,6 +76,20 @@ def check_model(uri: str, option: str = "--model") -> Any:
     return None
 
 
+def open_registry(tracking_uri: str | None, model: str) -> Any:
+    """Point MLflow at ``tracking_uri`` (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db), which must
+    exist, and return the model version ``model`` names (:func:`check_model`); UsageError otherwise."""
+    from flows.tracking import TrackingError, check_tracking, resolve_tracking_uri, use_tracking
+
+    uri = tracking_uri or resolve_tracking_uri(None)
+    try:
+        check_tracking(uri, must_exist=True)
+    except TrackingError as err:
+        raise UsageError(str(err)) from None
+    use_tracking(uri)
+    return check_model(model)
+
+
 def overlay(image, amap: np.ndarray, vmin: float, vmax: float, mask: np.ndarray | None = None):
     """RGB image with ``amap`` (S x S, any S) resized to it and blended in with the jet colour map; the
     outline of ``mask`` (already at the image's size) drawn in white."""
@@ -122,7 +136,6 @@ def predict_command(args: argparse.Namespace) -> dict[str, Any]:
 
     from components.banks import replace_dir
     from components.data import DataError, load_image
-    from flows.tracking import TrackingError, check_tracking, resolve_tracking_uri, use_tracking
 
     out: Path = args.output
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
@@ -134,13 +147,7 @@ def predict_command(args: argparse.Namespace) -> dict[str, Any]:
             images.append(load_image(str(path)))
         except DataError as err:
             raise UsageError(str(err)) from None
-    uri = args.tracking_uri or resolve_tracking_uri(None)
-    try:
-        check_tracking(uri, must_exist=True)
-    except TrackingError as err:
-        raise UsageError(str(err)) from None
-    use_tracking(uri)
-    check_model(args.model)
+    open_registry(args.tracking_uri, args.model)
 
     import mlflow
     from mlflow.exceptions import MlflowException

@@ -25,6 +25,8 @@ BASE = [
     "--workers",
     "0",
     "--quiet",
+    "--false-alarm-rate",
+    "0.2",  # 24 train images hold out 5: the thresholds need ⌈1/0.2⌉ = 5
 ]
 
 
@@ -52,6 +54,28 @@ def test_run_writes_metrics_scores_and_heatmaps(mini_root, tmp_path) -> None:
     with Image.open(out / "heatmaps.png") as png:
         assert png.size[0] > 300
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]  # no temp folders left
+    # the decision: thresholds from 5 held-out train images scored by a second memory without them
+    decision = metrics["decision"]
+    assert decision["held_out_normal"] == 5 and decision["rule"] == "normal_quantile"
+    assert metrics["image_threshold"] == decision["image"]["value"] and 0 <= metrics["pixel_f1"] <= 1
+    frame = scores.to_pandas()
+    assert ((frame.score > metrics["image_threshold"]) == frame.predicted.astype(bool)).all()
+    assert metrics["image_fpr"] == frame[frame.label == 0].predicted.mean()
+    assert metrics["image_recall"] == frame[frame.label == 1].predicted.mean()
+    held = pq.read_table(out / "calibration.parquet").to_pandas()
+    train = {p.name for p in (mini_root / "kolektorsdd" / "train" / "good").iterdir()}
+    assert (held.label == 0).sum() == 5 and {Path(p).name for p in held.path} <= train
+
+
+def test_run_refuses_a_rule_the_held_out_images_cannot_support(mini_root, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert run(mini_root, out, "--method", "dn2", "--false-alarm-rate", "0.05") == 2
+    err = capsys.readouterr().err
+    assert "needs 20 held-out normal images; --val-fraction 0.2 holds out 5 of its 24" in err, err
+    assert not out.exists()
+    assert run(mini_root, out, "--method", "dn2", "--val-fraction", "0") == 0  # no thresholds asked
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "image_threshold" not in metrics and not (out / "calibration.parquet").exists()
 
 
 def test_console_script_help_explains_every_option() -> None:

@@ -468,7 +468,9 @@ def test_calibrate_registers_new_thresholds_without_retraining(
     assert out["source_version"] == str(source.version) and out["images"] == 30
     version = client.get_model_version(MODEL, out["version"])
     assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == out["version"]
-    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == str(source.version)  # unchanged
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == str(
+        source.version
+    )  # unchanged
     assert (
         version.tags["recalibrated_from"] == str(source.version)
         and version.tags["run_key"] == source.tags["run_key"]

@@ -43,6 +43,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import math
 import os
 import shutil
 import statistics
@@ -178,10 +179,18 @@ def variant_params(params: Params, dataset: str, method: str, backbone: str, siz
     return Params.model_validate(raw)
 
 
-def _epochs(variant: Params) -> int:
+def _epochs(variant: Params, training_images: int) -> int:
+    """A job's training epochs; with ``steps`` set (ReContrast's unit), the whole epochs that hold them —
+    each DDP rank takes 1/num_workers of the fit images (those left after the validation slice)."""
     if not trains(variant):
         return 0
-    return int(variant.method_params().get("epochs", _knob_default(variant.method, "epochs")))
+    knobs = variant.method_params()
+    if knobs.get("steps"):
+        t = variant.train
+        fit = training_images - round(t.val_fraction * training_images)
+        per_epoch = math.ceil(math.ceil(fit / t.num_workers) / t.batch_size)
+        return math.ceil(knobs["steps"] / max(per_epoch, 1))
+    return int(knobs.get("epochs", _knob_default(variant.method, "epochs")))
 
 
 def expand(params: Params, path: str | os.PathLike = "params.yaml", check: bool = True) -> Plan:
@@ -220,6 +229,11 @@ def expand(params: Params, path: str | os.PathLike = "params.yaml", check: bool 
                 shared = run_key(v, "dataset:" + dataset, dataset_version(samples[dataset]), code)
             for category in categories:
                 rows, version = samples[dataset][category]
+                training_images = sum(
+                    s.split == "train"
+                    for c in (samples[dataset] if shared else [category])
+                    for s in samples[dataset][c][0]
+                )
                 jobs.append(
                     GridJob(
                         dataset=dataset,
@@ -232,12 +246,8 @@ def expand(params: Params, path: str | os.PathLike = "params.yaml", check: bool 
                         shared_key=shared,
                         train_images=sum(s.split == "train" for s in rows),
                         test_images=sum(s.split == "test" for s in rows),
-                        epochs=_epochs(v),
-                        training_images=sum(
-                            s.split == "train"
-                            for c in (samples[dataset] if shared else [category])
-                            for s in samples[dataset][c][0]
-                        ),
+                        epochs=_epochs(v, training_images),
+                        training_images=training_images,
                     )
                 )
     grid_key = hashlib.sha256("\n".join(sorted(j.run_key for j in jobs)).encode()).hexdigest()[:16]

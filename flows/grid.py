@@ -61,6 +61,7 @@ from prefect.utilities.annotations import quote
 
 from components.data import Sample
 from components.methods import METHODS
+from flows.decide import check_decision, decide_in_ray_task, read_decision
 from flows.evaluate import read_run
 from flows.params import (
     Params,
@@ -77,8 +78,10 @@ from flows.pipeline import (
     category_key,
     dataset_scope,
     dataset_version,
+    decision_folder,
     evaluate_remotely,
     load_category_samples,
+    remote_call,
     run_bounded,
     start_ray,
     train_task,
@@ -520,6 +523,27 @@ def _evaluate(
     return evaluate_remotely(category_job, run_dir, variant, cpus, max_calls=1, name=f"evaluate:{job.label}")
 
 
+def _decide(
+    job: GridJob, variant: Params, data_version: str, samples: list[Sample], record: dict, cpus: int | None
+) -> dict | None:
+    """The job's thresholds (flows/decide.py) as a Ray task, reused from its decision folder; None for a
+    collapsed run and for a run folder without its model (an archived one: restored evidence)."""
+    folder = decision_folder(variant, job.run_key)
+    done = read_decision(folder)
+    run_dir = folder.parent / "evaluation"
+    if done is not None or record.get("collapsed") or not (run_dir / "method" / "spec.json").is_file():
+        return done
+    training = json.loads((run_dir / "train.json").read_text()) if (run_dir / "train.json").is_file() else {}
+    if training.get("directory") and not Path(training["directory"]).is_dir():
+        return None  # the trained weights are gone
+    category_job = make_category_job(variant, job.category, job.run_key, data_version, samples, training)
+    t = variant.train
+    args = (variant.decision.model_dump(), t.val_fraction, variant.seed, list(t.synthetic))
+    name = f"decide:{job.label}"
+    return remote_call(decide_in_ray_task, (category_job, str(run_dir), str(folder), *args), variant, cpus,
+                       max_calls=1, name=name)  # fmt: skip
+
+
 def _start_ray(attempts: int = 2) -> None:
     """ensure_ray on the flow's thread (Ray's local processes live as long as it does), tried twice.
 
@@ -563,6 +587,7 @@ def job_task(
         training = _train(job, variant, samples, dataset_train)
         record = _evaluate(job, variant, data_version, samples, training, cpus)
         get_run_logger().info("%s: done in %.1f s", job.label, time.perf_counter() - t0)
+    decision = _decide(job, variant, data_version, samples, record, cpus)
     experiment, parent, grid_key = mlflow_run
     mlflow_id, logged = log_job(experiment, parent, grid_key, job, variant, run_dir)
     return {
@@ -574,6 +599,7 @@ def job_task(
         "logged": logged,
         "mlflow_run_id": mlflow_id,
         "metrics": record["metrics"],
+        "decision": decision["metrics"] if decision else None,
         "collapsed": record.get("collapsed"),
     }
 
@@ -593,6 +619,11 @@ def grid(
     t0 = time.perf_counter()
     params = load_params(params_path, overrides)
     plan = expand(params, params_path, check)
+    d = params.decision
+    for dataset, categories in plan.samples.items():  # every job's held-out slice supports the rule
+        used = {j.category for j in plan.jobs if j.dataset == dataset}
+        train = {c: [s for s in categories[c][0] if s.split == "train"] for c in sorted(used)}
+        check_decision(d.rule, d.false_alarm_rate, params.train.val_fraction, train, dataset)
     uri = resolve_tracking_uri(params)
     check_tracking(uri)
     g = params.grid

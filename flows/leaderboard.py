@@ -23,8 +23,10 @@ from components.banks import replace_dir, write_text_atomic
 from components.metrics import METRIC_KEYS
 from components.plots import load_examples, method_comparison
 
+#: the test figures at a job's own thresholds (flows/decide.py; None for a job run without them)
+OPERATING = ("image_fpr", "image_recall", "image_precision", "image_f1", "pixel_f1")
 #: quality metrics aggregated as mean ± std over seeds (std: population, 0 for one seed)
-QUALITY = METRIC_KEYS
+QUALITY = METRIC_KEYS + OPERATING
 #: cost columns (mean over seeds; peak memory: max over seeds)
 COST = ("fit_seconds", "inference_seconds", "images_per_second", "peak_rss_mb", "peak_cuda_mb")
 JOB_COLUMNS = (
@@ -53,7 +55,7 @@ def _num(value: Any) -> float | None:
 
 def job_row(record: dict[str, Any]) -> dict[str, Any]:
     """One job's row: identity, status and the numbers of its metrics.json (None where absent)."""
-    m = record.get("metrics") or {}
+    m = (record.get("metrics") or {}) | (record.get("decision") or {})
     row = {k: record.get(k) for k in JOB_COLUMNS}
     row |= {k: _num(m.get(k)) for k in QUALITY}
     train, fit = _num(m.get("train_seconds")) or 0.0, _num(m.get("fit_seconds"))
@@ -138,7 +140,11 @@ def _mean_over_categories(entries: list[dict[str, Any]]) -> list[dict[str, Any]]
     return sorted(out, key=lambda e: -(e["image_auroc_mean"] if e["image_auroc_mean"] is not None else -1))
 
 
-HEADER = "| image AUROC | pixel AUROC | AUPRO | image F1-max | fit s | inference s | images/s | peak RSS MB |"
+SHOWN = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_fpr", "image_recall")
+HEADER = (
+    "| image AUROC | pixel AUROC | AUPRO | image F1-max | FPR at threshold | recall at threshold "
+    "| fit s | inference s | images/s | peak RSS MB |"
+)
 
 
 def markdown(entries: list[dict[str, Any]], jobs: Sequence[dict[str, Any]], summary: str) -> str:
@@ -146,7 +152,7 @@ def markdown(entries: list[dict[str, Any]], jobs: Sequence[dict[str, Any]], summ
     lines = ["# adaptad grid leaderboard", "", summary, ""]
     gpu = any(e.get("peak_cuda_mb") for e in entries)
     header = HEADER + (" peak GPU MB |" if gpu else "")
-    cols = 8 + gpu
+    cols = 10 + gpu
 
     def costs(e: dict[str, Any]) -> str:
         cells = [
@@ -165,7 +171,7 @@ def markdown(entries: list[dict[str, Any]], jobs: Sequence[dict[str, Any]], summ
             if e["image_auroc_mean"] is not None:
                 best[e["category"]] = max(best.get(e["category"], -1.0), e["image_auroc_mean"])
         for e in rows:
-            quality = [_mean_std(e, k) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")]
+            quality = [_mean_std(e, k) for k in SHOWN]
             if e["image_auroc_mean"] is not None and e["image_auroc_mean"] == best.get(e["category"]):
                 quality[0] = f"**{quality[0]}**"
             note = f" (collapsed ×{e['collapsed']})" if e["collapsed"] else ""
@@ -184,9 +190,7 @@ def markdown(entries: list[dict[str, Any]], jobs: Sequence[dict[str, Any]], summ
                 "|---" * (cols + 2) + "|",
             ]
             for e in _mean_over_categories(rows):
-                quality = [
-                    _cost(e[f"{k}_mean"], 3) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
-                ]
+                quality = [_cost(e[f"{k}_mean"], 3) for k in SHOWN]
                 lines.append(
                     f"| {variant_label(e)} | {e['categories']} | " + " | ".join(quality) + f" | {costs(e)} |"
                 )
@@ -202,6 +206,8 @@ def markdown(entries: list[dict[str, Any]], jobs: Sequence[dict[str, Any]], summ
             )
         lines.append("")
     lines.append(
+        "FPR / recall at threshold: the test split at the job's own thresholds, set on held-out normal "
+        "train images (decision in params.yaml; — for a job run without them); "
         "fit s: training (Ray Train) + banks/Gaussians; inference s and images/s: scoring the test split; "
         "peak RSS: the evaluation process's resident memory (max over seeds)."
     )

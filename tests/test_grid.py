@@ -201,8 +201,12 @@ def test_the_leaderboard_in_markdown_parquet_dvc_prefect_and_mlflow(setup, steps
             assert 0 <= r[f"{k}_mean"] <= 1, (k, r)
         assert r["fit_seconds"] > 0 and r["inference_seconds"] > 0 and r["images_per_second"] > 0
         assert r["peak_rss_mb"] > 100  # the evaluation process's own peak (torch + backbone)
+        # each job's own thresholds (held-out normal train images) and the test figures at them
+        assert 0 <= r["image_fpr_mean"] <= 1 and 0 <= r["image_recall_mean"] <= 1, r
+    assert len(list((home / "jobs").glob("*/decision-*/decision.json"))) >= 4
     text = (home / "grid" / "leaderboard.md").read_text()
     assert "## two" in text and "Mean over the 2 categories" in text and "peak RSS MB" in text
+    assert "FPR at threshold" in text
     for category in ("kolektorsdd", "magnetic_tile"):
         assert (home / "grid" / "heatmaps" / f"two__{category}.png").is_file()
         assert (home / "plots" / "grid" / "heatmaps" / f"two__{category}.png").is_file()

@@ -306,6 +306,28 @@ def test_predict_cli_writes_scores_and_heatmaps(champion, folders, data_root, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred"]  # no temp folder left
 
 
+def test_predict_a_version_without_thresholds_answers_scores_only(
+    folders, data_root, tmp_path, capsys
+) -> None:
+    """A version registered without a decision (before thresholds existed, or by hand) still predicts:
+    scores and heat maps on the call's own colour scale, no labels and no masks."""
+    params = load_params(write_params(tmp_path / "params.yaml", data_root, tmp_path / "store"))
+    logged = log_run(folders[1], params)
+    image = next(s for s in scan_mvtec(data_root, "kolektorsdd") if s.split == "test")
+    out = tmp_path / "pred"
+    argv = ["predict", "--model", f"models:/{MODEL}/{logged['version']}", image.path, "--output", str(out)]
+    assert main([*argv, "--tracking-uri", params.mlflow.tracking_uri]) == 0
+    capsys.readouterr()
+    with (out / "scores.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert set(row) == {"path", "score", "heatmap"} and float(row["score"]) > 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["scores.csv", f"{Path(image.path).stem}_heatmap.png"]
+    )
+    version = MlflowClient(params.mlflow.tracking_uri).get_model_version(MODEL, logged["version"])
+    assert version.tags["image_fpr"] == "nan" and "**Operating point** none" in version.description
+
+
 def test_predict_bad_input_exits_2_and_writes_nothing(champion, data_root, tmp_path, capsys) -> None:
     good_image = next((data_root / "kolektorsdd" / "test" / "good").iterdir())
     corrupt = tmp_path / "corrupt.png"

@@ -184,14 +184,16 @@ def variant_params(params: Params, dataset: str, method: str, backbone: str, siz
 
 def _epochs(variant: Params, training_images: int) -> int:
     """A job's training epochs; with ``steps`` set (ReContrast's unit), the whole epochs that hold them —
-    each DDP rank takes 1/num_workers of the fit images (those left after the validation slice)."""
+    each DDP rank takes 1/num_workers of the fit images (those left after the validation slice), in full
+    batches only when there are more fit images than one batch (flows/train.py's ``drop_last``)."""
     if not trains(variant):
         return 0
     knobs = variant.method_params()
     if knobs.get("steps"):
         t = variant.train
         fit = training_images - round(t.val_fraction * training_images)
-        per_epoch = math.ceil(math.ceil(fit / t.num_workers) / t.batch_size)
+        per_rank = math.ceil(fit / t.num_workers)
+        per_epoch = per_rank // t.batch_size if fit > t.batch_size else math.ceil(per_rank / t.batch_size)
         return math.ceil(knobs["steps"] / max(per_epoch, 1))
     return int(knobs.get("epochs", _knob_default(variant.method, "epochs")))
 

@@ -528,3 +528,21 @@ def test_dry_run_counts_each_training_once(tmp_path: Path) -> None:
     assert cost["topology-b"] > without
     total = float(dry_run(plan).splitlines()[-1].split("estimated ")[1].split(" s")[0])
     assert total == pytest.approx(cost["panda-a"] + cost["panda-b"] + cost["topology-a"] + without, abs=1)
+
+
+def test_a_job_with_steps_is_estimated_at_the_epochs_that_hold_them(tmp_path: Path) -> None:
+    """ReContrast's unit is optimizer steps: 1000 steps of kolektorsdd's 222 fit images at 2 ranks × 16,
+    full batches only, are 167 epochs of 6 steps (what its training ran), not its epochs knob."""
+    from flows.grid import _epochs, variant_params
+    from flows.params import load_params
+
+    params = load_params(
+        Path(__file__).resolve().parents[1] / "params.yaml",
+        {"grid.runs_dir": str(tmp_path), "methods.recontrast.steps": 1000},
+    )
+    variant = variant_params(params, "demo", "recontrast", params.backbone, 128, 0)
+    assert _epochs(variant, 278) == 167
+    assert (
+        _epochs(variant_params(params, "demo", "recontrast", params.backbone, 128, 0), 20) == 1000
+    )  # 1 step
+    assert _epochs(variant_params(params, "demo", "panda", params.backbone, 128, 0), 278) == 15

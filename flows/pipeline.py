@@ -483,12 +483,12 @@ def pipeline(
     if check:
         check_method(params, params_path)
         check_tracking(uri)
-    warm_up(uri)  # the store opens while the categories train
     os.environ["MLFLOW_TRACKING_URI"] = uri
     categories = load_category_samples(params)
     d = params.decision
     train = {c: [s for s in samples if s.split == "train"] for c, (samples, _) in categories.items()}
     check_decision(d.rule, d.false_alarm_rate, params.train.val_fraction, train, str(params.manifest_path()))
+    warm_up(uri)  # the store opens while the categories train (after the checks: a refused run opens nothing)
     code = code_version()
     shared_key = shared_training_key(params, categories, code)
     start_ray_if_needed(params, categories, code)

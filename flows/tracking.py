@@ -121,6 +121,32 @@ def check_tracking(uri: str, must_exist: bool = False) -> None:
         raise TrackingError(f"mlflow tracking URI {uri}: folder {db.parent} is not writable")
 
 
+def create_store(uri: str) -> None:
+    """Create a missing sqlite store all at once: MLflow creates its tables in a file beside it that is
+    renamed into place when complete. MLflow's own creation runs dozens of migrations in the file itself;
+    a process that ends part-way (a refused run, a signal) would leave a store that no later run can open
+    ("table ... already exists"). Other URIs, and a store that exists, are left alone."""
+    db = sqlite_path(uri)
+    if db is None or db.exists():
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    for stale in db.parent.glob(f".{db.name}.*-*.creating"):  # left by a process that was killed
+        pid = stale.name.rsplit(".", 2)[1].split("-")[0]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except (ValueError, PermissionError):  # not our name, or another user's live process
+            pass
+    scratch = db.with_name(f".{db.name}.{os.getpid()}-{threading.get_ident()}.creating")
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{scratch.resolve()}").search_experiments(max_results=1)
+        with contextlib.suppress(FileExistsError):  # another process or thread created it first: theirs
+            os.link(scratch, db)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
 _WARM_UPS: dict[str, threading.Thread] = {}
 
 
@@ -135,6 +161,7 @@ def warm_up(uri: str) -> None:
         with contextlib.suppress(Exception):
             import mlflow.pyfunc  # noqa: F401
 
+            create_store(uri)
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
     _WARM_UPS[uri] = thread = threading.Thread(target=run, name="mlflow-warm-up", daemon=True)
@@ -142,12 +169,14 @@ def warm_up(uri: str) -> None:
 
 
 def use_tracking(uri: str) -> None:
-    """Point MLflow's fluent API and default clients at ``uri`` in this process.
+    """Point MLflow's fluent API and default clients at ``uri`` in this process (a missing sqlite store is
+    created first, whole: :func:`create_store`).
 
     The registry follows the tracking URI (unless ``MLFLOW_REGISTRY_URI`` names another). The
     ``MLFLOW_TRACKING_URI`` that ``mlflow.set_tracking_uri`` exports is restored, as it would otherwise
     "win" over the next params file in this process (see :func:`resolve_tracking_uri`).
     """
+    create_store(uri)
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     if saved is None:

@@ -298,3 +298,32 @@ def test_model_example_from_an_array_backed_one_class_image(tmp_path) -> None:
     assert example is not None and Path(example).parent == tmp_path / "scratch"
     assert Image.open(example).size == (28, 28)
     assert "#" in test[0].path
+
+
+def test_a_store_is_created_whole_or_not_at_all(tmp_path) -> None:
+    """A process killed while MLflow creates a fresh sqlite store's tables leaves no store behind (a
+    half-migrated one could never be opened again), and the next creation succeeds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from flows.tracking import create_store
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    code = f"from flows.tracking import create_store; create_store({uri!r})"
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".mlflow.db.*.creating")) and child.poll() is None:
+        assert time.monotonic() < deadline, "the store's scratch file never appeared"
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not db.exists(), "a killed creation left a store behind"
+    create_store(uri)
+    assert db.is_file() and not list(tmp_path.glob(".*.creating"))
+    assert [e.name for e in MlflowClient(tracking_uri=uri).search_experiments()] == ["Default"]
+    create_store(uri)  # an existing store is left alone
+    assert [e.name for e in MlflowClient(tracking_uri=uri).search_experiments()] == ["Default"]

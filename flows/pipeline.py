@@ -90,6 +90,7 @@ def train_task(key: str, params: Params, category: str, train_samples: list[Samp
         use_gpu=t.use_gpu,
         max_failures=t.max_failures,
         storage=t.storage,
+        placement_strategy=t.placement_strategy,
         collapse=t.collapse.thresholds(),
     )
     result = train(job, Path(params.pipeline.runs_dir) / key / "trained")

@@ -50,6 +50,9 @@ class TrainJob:
     use_gpu: bool | str = "auto"
     max_failures: int = 2
     storage: str = "runs/ray"
+    #: how Ray places the DDP ranks on the cluster's nodes: PACK (fewest nodes) or SPREAD (one per node
+    #: where it can, e.g. to use several machines); soft, so a group that loses a node fits on the others
+    placement_strategy: str = "PACK"
     #: collapse monitor thresholds (CollapseThresholds fields); None switches the monitor off
     collapse: dict[str, Any] | None = field(default_factory=dict)
 
@@ -280,6 +283,7 @@ def train(job: TrainJob, output: Path) -> TrainResult:
             num_workers=job.num_workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": job.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=job.placement_strategy,
         ),
         run_config=RunConfig(
             name=job.run_key,

@@ -4,7 +4,8 @@
 resources; ``train.placement_strategy: SPREAD`` puts one DDP rank on each. Removing the second node kills
 its raylet and every worker on it (the node, not one worker). The job must resume from its last checkpoint
 on the node that is left and end with the same weights as an unfaulted run; through the pipeline, with one
-registered version.
+registered version. A grid job whose node dies while it evaluates there is retried by Prefect on the other
+node and the grid finishes.
 """
 
 from __future__ import annotations
@@ -164,3 +165,77 @@ def test_a_pipeline_that_loses_a_node_registers_one_version(cluster, industrial_
     versions = client.search_model_versions("name='adaptad-one-kolektorsdd'")
     assert len(versions) == 1, [v.version for v in versions]
     assert json.loads((tmp_path / "metrics.json").read_text())["categories"]["kolektorsdd"]["image_auroc"] > 0
+
+
+def test_a_grid_job_whose_node_dies_is_retried_and_finishes(industrial_root, tmp_path) -> None:
+    """Two 1-CPU nodes and two 1-CPU grid jobs at once: one job evaluates on each node. The second node is
+    removed while its job runs there; Prefect retries that job on the head and the grid finishes."""
+    import pyarrow.parquet as pq
+    from ray.cluster_utils import Cluster
+
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        node = second_node(nodes)
+        home = tmp_path
+        data = home / "data"
+        for category in ("kolektorsdd", "magnetic_tile"):
+            copy_subset(industrial_root / category, data / category, 40, 10, 6)
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        params["datasets"] = {"two": {"root": str(data), "categories": ["kolektorsdd", "magnetic_tile"]}}
+        params.update(dataset="two", image_size=64, manifests_dir=str(home / "manifests"))
+        params["methods"]["padim"] = {"d": 40}
+        params["pipeline"].update(retries=1, retry_delay_seconds=0)
+        params["grid"] = {
+            "datasets": ["two"], "methods": ["padim"], "seeds": [0], "concurrency": 2, "cpus_per_job": 1,
+            "runs_dir": str(home / "jobs"), "output": str(home / "grid"),
+            "metrics_file": str(home / "grid.json"), "plots_dir": str(home / "plots"),
+        }  # fmt: skip
+        params["decision"]["false_alarm_rate"] = 0.2  # 40 train images hold out 8
+        params["mlflow"].update(
+            tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=str(home / "art")
+        )
+        path = home / "params.yaml"
+        path.write_text(yaml.safe_dump(params))
+        env = service_env(home) | {"RAY_ADDRESS": nodes.address}
+        subprocess.run(
+            ["adaptad", "prepare", "--params", str(path)], env=env, check=True, capture_output=True
+        )
+        grid = subprocess.Popen(
+            ["adaptad", "grid", "--params", str(path)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            victim = None
+            deadline = time.monotonic() + 300
+            while victim is None and grid.poll() is None:
+                assert time.monotonic() < deadline, "no grid job ran on the second node"
+                victim = next(iter(ray_tasks(node, "ray::evaluate:")), None)
+                time.sleep(0.05)
+            assert victim, grid.communicate()[0][-4000:]
+            nodes.remove_node(node, allow_graceful=False)
+            out, _ = grid.communicate(timeout=600)
+        finally:
+            grid.kill()
+        assert grid.returncode == 0, out[-4000:]
+        rows = {r["category"]: r for r in pq.read_table(home / "grid" / "jobs.parquet").to_pylist()}
+        assert all(r["status"] == "done" for r in rows.values()), rows
+        lost = [c for c in rows if f"/{c}/" in victim]
+        assert len(lost) == 1 and rows[lost[0]]["attempts"] == 2, (victim, rows)
+        (other,) = set(rows) - set(lost)
+        assert rows[other]["attempts"] == 1
+    finally:
+        nodes.shutdown()
+
+
+def ray_tasks(node, prefix: str) -> list[str]:
+    """Process titles of ``node``'s Ray workers that run a task whose title starts with ``prefix``."""
+    titles = []
+    for info in node.all_processes.get("raylet", []):
+        for proc in psutil.Process(info.process.pid).children(recursive=True):
+            try:
+                title = " ".join(proc.cmdline())
+            except psutil.Error:
+                continue
+            if title.startswith(prefix):
+                titles.append(title)
+    return titles

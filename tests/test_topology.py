@@ -131,6 +131,16 @@ def test_weak_supervision_trains_on_the_categories_with_frozen_imagenet_rows(tra
     assert m.classes == sorted(CATEGORIES) and tags["topology.classes"] == "kolektorsdd,magnetic_tile"
     assert tags["topology.anchors"] == "train-fallback:8" and m.anchor_images.shape == (8, 3, SIZE, SIZE)
     assert m.net.head.n_old == 1000 and m.net.head.new_weight.shape == (2, 1280)
+    # the official code's split cosine classifier: logits are cosines (no scale, no bias); the fallback's
+    # anchors are target images, never rehearsed under an ImageNet label
+    assert tags["topology.classifier"] == "cosine" and m.net.head.rows() == [m.net.head.new_weight]
+    assert tags["topology.rehearsal"] == "off" and m.anchor_labels is None
+    with torch.no_grad():
+        logits, features = m.net(trained["probe"]["image"])
+    unit = torch.nn.functional.normalize(features, dim=1)
+    rows = torch.cat([m.net.head.old_weight, m.net.head.new_weight])
+    assert torch.allclose(logits, unit @ torch.nn.functional.normalize(rows, dim=1).T, atol=1e-6)
+    assert logits.abs().max() <= 1 + 1e-6
     assert trained["after"]["ce"] < trained["before"]["ce"], (trained["before"], trained["after"])
     assert all(np.isfinite(trained["reports"][-1].metrics[k]) for k in ("ce", "topology", "val_ce"))
     assert 0 <= trained["reports"][-1].metrics["val_accuracy"] <= 1
@@ -233,7 +243,30 @@ def test_anchors_from_a_folder_are_herded_per_class(data, industrial_root, tmp_p
     draws = m.draw_anchors(5)
     assert torch.equal(draws, m.draw_anchors(5)) and len(draws) == 3 and len(set(draws.tolist())) == 3
     assert any(not torch.equal(draws, m.draw_anchors(s)) for s in range(6, 12))
-    loss = m.training_loss(next(iter(loader(fit, SIZE, 4, 0))), m.trainable())
+    # rehearsal (the official code): the step's anchors join the cross-entropy with their source class,
+    # the pretrained classifier's top class (no ImageNet labels offline)
+    assert tags["topology.rehearsal"] == "on"
+    head = m.net.head
+    assert torch.equal(m.anchor_labels, head.old_logits(m.anchor_reference).argmax(1))
+    batch = next(iter(loader(fit, SIZE, 4, 0)))
+    m.train_mode()
+    with torch.no_grad():
+        terms = m.loss_terms(batch, m.trainable(), step=0)
+        drawn = m.draw_anchors(0)
+        logits, _ = m.net(torch.cat([batch["image"], m.anchor_batch_images(drawn)]))
+        targets = torch.cat([m._targets(batch["category"]), m.anchor_labels[drawn]])
+    assert float(terms["ce"]) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, targets)), rel=1e-5
+    )
+    plain = topology(anchors=str(folder), anchors_per_class=2, anchor_batch=3, rehearsal=False)
+    assert (
+        plain.begin_training(loader(fit[::3], SIZE, 8, 0), loader(validation[:2], SIZE, 8, 0))[
+            "topology.rehearsal"
+        ]
+        == "off"
+        and plain.anchor_labels is None
+    )
+    loss = m.training_loss(batch, m.trainable())
     assert torch.isfinite(loss) and m.steps_done == 1
     state = m.state_dict()
     assert state["anchor_paths"] == m.anchor_paths and len(state["anchor_images"]) == 0
@@ -283,6 +316,27 @@ def test_bad_knobs_raise_naming_the_knob_and_weights_none_constructs() -> None:
         ("epochs", -1),
         ("k", 0),
         ("freeze_batchnorm", "yes"),
+        ("classifier", "softmax"),
+        ("rehearsal", "yes"),
     ]:
         with pytest.raises(ValueError, match=f"topology {knob}="):
             Topology(fx, SIZE, **{knob: value})
+
+
+def test_the_linear_classifier_of_the_papers_text_keeps_the_imagenet_bias() -> None:
+    m = topology(classifier="linear")
+    m.load_state_dict(
+        {
+            "classes": ["a", "b"],
+            "anchor_images": torch.randint(0, 255, (3, 3, SIZE, SIZE), dtype=torch.uint8),
+            "anchor_paths": [],
+            "steps_done": 0,
+            "sums": {"ce": 0.0, "topology": 0.0, "steps": 0},
+        }
+    )
+    head = m.net.head
+    assert not head.cosine and head.rows() == [head.new_weight, head.new_bias]
+    features = torch.randn(4, 1280, generator=torch.Generator().manual_seed(0))
+    weight = torch.cat([head.old_weight, head.new_weight])
+    bias = torch.cat([head.old_bias, head.new_bias])
+    assert torch.allclose(head(features), torch.nn.functional.linear(features, weight, bias), atol=1e-5)

@@ -30,10 +30,21 @@ How it is realised here, and every deviation (each one a knob where it can be on
   a fresh method for scoring declares and needs only ``"backbone"``.
 - Offline, the backbone is EfficientNet-Lite / MobileNetV2 (no WRN weights here); penultimate features
   are timm's pre-logits (after ``conv_head``/``bn2`` and global pooling for EfficientNet).
-- Initialisation of the new rows (the paper does not say): ``new_rows="random"`` (default) is torch's
-  default Linear initialisation (what extending a classifier does); ``"imprint"`` sets row c to the unit
-  mean pretrained penultimate feature of class c, scaled so that its mean logit on class c's images
-  equals their mean top ImageNet logit, bias 0 (a calibrated weight imprinting: the target class starts
+- The classifier (``classifier``): ``"cosine"`` (default) is the official code's split cosine classifier
+  (LUCIR's ``SplitCosineLinear``, ``sigma=False``): logits are cosines of the penultimate feature and
+  each row, without scale or bias; the old rows are the ImageNet weights, frozen. ``"linear"`` is the
+  paper's text: a linear layer whose ImageNet rows keep their bias.
+- Rehearsal (``rehearsal``, default on, as the official code): anchor images also enter the
+  cross-entropy, labelled with their source class. The official code appends all anchors to the shuffled
+  training set; here the step's anchors (those the topology loss sees) join the step's CE batch (a
+  deviation in how often each anchor is rehearsed). Without ImageNet labels offline, an anchor's source
+  class is the pretrained classifier's top class. Only folder anchors are rehearsed: the fallback's
+  anchors are target images, which carry their own category (tag ``topology.rehearsal``).
+- Initialisation of the new rows (the paper does not say): ``new_rows="random"`` (default) is the
+  layer's own initialisation (cosine: LUCIR's uniform ±1/√D, as the official code; linear: torch's
+  default); ``"imprint"`` sets row c to the unit mean pretrained penultimate feature of class c (cosine:
+  the mean of the unit features, LUCIR's imprinting; linear: scaled so that its mean logit on class c's
+  images equals their mean top ImageNet logit, bias 0 — a calibrated imprinting: the target class starts
   on a par with the best ImageNet class; imprinting at the ImageNet rows' norm would start at CE ≈ 0 and
   leave the weak supervision nothing to do). ``head_lr`` (default: ``lr``, as the paper) may give the
   new rows their own learning rate.
@@ -81,6 +92,7 @@ from components.methods.knn import DN2
 from components.methods.panda import _match, stage_boundary
 
 NEW_ROWS = ("imprint", "random")
+CLASSIFIERS = ("cosine", "linear")
 
 
 def herding(features: torch.Tensor, m: int) -> list[int]:
@@ -121,23 +133,46 @@ def topology_loss(reference: torch.Tensor, current: torch.Tensor, eps: float = 1
 
 
 class ExtendedHead(nn.Module):
-    """Logits over the ImageNet classes (frozen rows, buffers) followed by trainable target-class rows."""
+    """Logits over the ImageNet classes (frozen rows, buffers) followed by trainable target-class rows.
 
-    def __init__(self, old_weight: torch.Tensor, old_bias: torch.Tensor, n_new: int) -> None:
+    ``cosine`` (the official code: LUCIR's ``SplitCosineLinear`` with ``sigma=False``): every logit is the
+    cosine of the feature and its row, without scale or bias; the new rows start uniform in ±1/√D. Else a
+    linear layer (the paper's text): the old rows keep their bias, the new rows torch's default init.
+    """
+
+    def __init__(self, old_weight: torch.Tensor, old_bias: torch.Tensor, n_new: int, cosine: bool = False):
         super().__init__()
+        self.cosine = cosine
         self.register_buffer("old_weight", old_weight.detach().clone())
         self.register_buffer("old_bias", old_bias.detach().clone())
         init = nn.Linear(old_weight.shape[1], n_new, device=old_weight.device)  # torch's default init
-        self.new_weight = nn.Parameter(init.weight.detach().to(old_weight.dtype))
-        self.new_bias = nn.Parameter(init.bias.detach().to(old_weight.dtype))
+        if cosine:
+            bound = 1.0 / np.sqrt(old_weight.shape[1])
+            self.new_weight = nn.Parameter(torch.empty_like(init.weight).uniform_(-bound, bound))
+            self.new_bias = None
+        else:
+            self.new_weight = nn.Parameter(init.weight.detach().to(old_weight.dtype))
+            self.new_bias = nn.Parameter(init.bias.detach().to(old_weight.dtype))
 
     @property
     def n_old(self) -> int:
         return len(self.old_weight)
 
+    def rows(self) -> list[nn.Parameter]:
+        """The trainable (new) rows."""
+        return [self.new_weight] if self.new_bias is None else [self.new_weight, self.new_bias]
+
+    def old_logits(self, features: torch.Tensor) -> torch.Tensor:
+        if self.cosine:
+            return F.linear(F.normalize(features, dim=1), F.normalize(self.old_weight, dim=1))
+        return F.linear(features, self.old_weight, self.old_bias)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        old = F.linear(features, self.old_weight, self.old_bias)
-        return torch.cat([old, F.linear(features, self.new_weight, self.new_bias)], dim=1)
+        if self.cosine:
+            new = F.linear(F.normalize(features, dim=1), F.normalize(self.new_weight, dim=1))
+        else:
+            new = F.linear(features, self.new_weight, self.new_bias)
+        return torch.cat([self.old_logits(features), new], dim=1)
 
 
 class TPTLNet(nn.Module):
@@ -206,6 +241,8 @@ class Topology(DN2):
         trainable_stages: int | None = None,
         freeze_batchnorm: bool = True,
         new_rows: str = "random",
+        classifier: str = "cosine",
+        rehearsal: bool = True,
         seed: int = 0,
         **kwargs,
     ):
@@ -228,6 +265,8 @@ class Topology(DN2):
             ("anchor_batch", anchor_batch, is_int(anchor_batch) and anchor_batch >= 3, "must be an int >= 3"),
             ("freeze_batchnorm", freeze_batchnorm, isinstance(freeze_batchnorm, bool), "must be a bool"),
             ("new_rows", new_rows, new_rows in NEW_ROWS, f"must be one of {', '.join(NEW_ROWS)}"),
+            ("classifier", classifier, classifier in CLASSIFIERS, f"must be one of {', '.join(CLASSIFIERS)}"),
+            ("rehearsal", rehearsal, isinstance(rehearsal, bool), "must be a bool"),
             ("seed", seed, is_int(seed), "must be an int"),
         ]  # fmt: skip
         for knob, value, ok, why in checks:
@@ -246,6 +285,7 @@ class Topology(DN2):
         self.weight_decay, self.lam, self.new_rows, self.seed = weight_decay, lam, new_rows, seed
         self.anchors, self.anchors_per_class, self.anchor_batch = anchors, anchors_per_class, anchor_batch
         self.trainable_stages, self.freeze_batchnorm = trainable_stages, freeze_batchnorm
+        self.classifier, self.rehearsal = classifier, rehearsal
         # built by begin_training / load_state_dict
         self.net: TPTLNet | None = None
         self.reference: nn.Module | None = None  # frozen pretrained body (penultimate features)
@@ -254,6 +294,7 @@ class Topology(DN2):
         self.anchor_images = torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)  # fallback
         self.anchor_paths: list[str] = []  # folder anchors
         self.anchor_reference: torch.Tensor | None = None  # (n_anchors, D) reference features
+        self.anchor_labels: torch.Tensor | None = None  # rehearsal: the pretrained classifier's class
         self.steps_done = 0
         self._sums = {"ce": 0.0, "topology": 0.0, "steps": 0}
 
@@ -273,7 +314,7 @@ class Topology(DN2):
         old_weight, old_bias = linear.weight.detach().clone(), bias.detach().clone().to(self.device)
         body.reset_classifier(0)  # body(x) = pre-logits features
         self.reference = copy.deepcopy(body).eval().requires_grad_(False)
-        head = ExtendedHead(old_weight, old_bias, n_classes)
+        head = ExtendedHead(old_weight, old_bias, n_classes, cosine=self.classifier == "cosine")
         self.net = TPTLNet(body, head, fx.mean, fx.std).to(self.device)
         tied = self._tie()
         rest_p = {n: p for n, p in body.named_parameters() if id(p) not in tied}
@@ -329,7 +370,7 @@ class Topology(DN2):
         if self.net is None or self.epochs == 0:
             return []
         trunk = [p for p in self.net.body.parameters() if p.requires_grad]
-        rows = [self.net.head.new_weight, self.net.head.new_bias]
+        rows = self.net.head.rows()
         return [
             {"params": trunk, "lr": self.lr, "weight_decay": self.weight_decay},
             {"params": rows, "lr": self.head_lr or self.lr, "weight_decay": self.weight_decay},
@@ -385,6 +426,7 @@ class Topology(DN2):
         if self.n_anchors < 3:
             raise ValueError(f"topology: {self.n_anchors} anchor images; the topology loss needs at least 3")
         self.anchor_reference = self._anchor_reference()
+        self.anchor_labels = self._anchor_labels()
         with torch.no_grad():
             logits = self.net.head(features.to(self.device))
             ce0 = F.cross_entropy(logits, labels.to(self.device) + self.net.head.n_old)
@@ -392,6 +434,8 @@ class Topology(DN2):
             "topology.classes": ",".join(classes),
             "topology.anchors": how,
             "topology.new_rows": self.new_rows,
+            "topology.classifier": self.classifier,
+            "topology.rehearsal": "on" if self.anchor_labels is not None else "off",
             "topology.ce_pretrained": f"{float(ce0):.4f}",
         }
 
@@ -399,7 +443,7 @@ class Topology(DN2):
         """(Re)build the head with one new row per class (the body is kept)."""
         assert self.net is not None and self._head is not None
         old = self.net.head
-        head = ExtendedHead(old.old_weight, old.old_bias, len(classes)).to(self.device)
+        head = ExtendedHead(old.old_weight, old.old_bias, len(classes), old.cosine).to(self.device)
         self.net.head = head
         self._head.rows = head
         self.classes = list(classes)
@@ -411,10 +455,14 @@ class Topology(DN2):
         head = self.net.head
         for c in range(len(self.classes)):
             f = features[labels == c].to(head.new_weight)
+            if head.cosine:  # a cosine row has no scale: the class's mean unit feature (LUCIR's imprint)
+                head.new_weight[c] = F.normalize(F.normalize(f, dim=1).mean(0), dim=0)
+                continue
             direction = F.normalize(f.mean(0), dim=0)
             top = F.linear(f, head.old_weight, head.old_bias).max(1).values.mean()
             head.new_weight[c] = direction * (top / (f @ direction).mean()).clamp(min=0)
-        head.new_bias.zero_()
+        if head.new_bias is not None:
+            head.new_bias.zero_()
 
     @staticmethod
     def _gather(loader: Iterable[dict], positions: Sequence[int]) -> torch.Tensor:
@@ -456,6 +504,17 @@ class Topology(DN2):
         every = torch.arange(self.n_anchors)
         return torch.cat([self._reference_features(self.anchor_batch_images(c)) for c in every.split(64)])
 
+    @torch.no_grad()
+    def _anchor_labels(self) -> torch.Tensor | None:
+        """Source labels of folder anchors for the rehearsal: the pretrained classifier's top class (no
+        ImageNet label list offline; for real ImageNet images mostly their label). None — no rehearsal —
+        when ``rehearsal`` is off or the anchors are target train images (the fallback): those already carry
+        their own category, and an ImageNet label would contradict it."""
+        if not self.rehearsal or not self.anchor_paths:
+            return None
+        assert self.net is not None and self.anchor_reference is not None
+        return self.net.head.old_logits(self.anchor_reference.to(self.device)).argmax(1).cpu()
+
     def draw_anchors(self, step: int) -> torch.Tensor:
         """Anchor indices of step ``step``: all of them, or ``anchor_batch`` drawn seeded by (seed, step)."""
         n = self.n_anchors
@@ -479,7 +538,12 @@ class Topology(DN2):
         x = torch.cat([images, self.anchor_batch_images(indices).to(images.device)]).to(self.device)
         logits, features = model(x)
         b = len(images)
-        ce = F.cross_entropy(logits[:b].float(), self._targets(batch["category"]).to(logits.device))
+        targets = self._targets(batch["category"])
+        if self.anchor_labels is not None:  # rehearsal: the step's anchors join the CE with source labels
+            targets, b_ce = torch.cat([targets, self.anchor_labels[indices]]), len(x)
+        else:
+            b_ce = b
+        ce = F.cross_entropy(logits[:b_ce].float(), targets.to(logits.device))
         topo = topology_loss(self.anchor_reference[indices.to(self.anchor_reference.device)], features[b:])
         return {"ce": ce, "topology": topo}
 
@@ -545,6 +609,7 @@ class Topology(DN2):
         self.steps_done = int(state["steps_done"])
         self._sums = dict(state["sums"])
         self.anchor_reference = self._anchor_reference()
+        self.anchor_labels = self._anchor_labels()
 
     # --- scoring ---------------------------------------------------------------------------------
     def predict(self, images: torch.Tensor) -> Prediction:

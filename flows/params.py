@@ -427,6 +427,10 @@ SAME_RESULTS_AS: dict[str, str] = {
     # byte-identical weights and histories under it; a SPREAD run that lost a node mid-training ends with
     # the unfaulted run's weights (tests/test_node_loss.py)
     "code-b842e55a14b090c7": "code-b469b7027ce0bae9",
+    # TPTL's split cosine classifier and rehearsal (components/methods/topology.py only; its own revision
+    # below): kolektorsdd's dn2 and PaDiM evidence jobs re-ran byte-identical under it (every output file
+    # but the timings in metrics.json)
+    "code-d5d6740d31afae46": "code-b469b7027ce0bae9",
 }
 
 # topology 1: the official code's split cosine classifier and anchor rehearsal (issue 19)

@@ -78,6 +78,7 @@ def test_a_lost_node_resumes_on_the_rest_with_the_unfaulted_weights(
     import ray
 
     node = second_node(cluster)
+    ray.shutdown()  # a cluster an earlier test left attached would take this driver
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         samples = [s for s in scan_mvtec(industrial_root, "kolektorsdd") if s.split == "train"][:20]

@@ -33,11 +33,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from components.data import oneclass_category, scan_mvtec, synthetic_anomalies  # noqa: E402
+from components.data import oneclass_category, scan_mvtec  # noqa: E402
 from components.decision import CalibrationError, calibrate  # noqa: E402
-from components.evaluation import fit_and_evaluate, loader, score_all  # noqa: E402
+from components.evaluation import fit_and_evaluate  # noqa: E402
 from components.methods import MethodSpec, build_method  # noqa: E402
-from flows.decide import figures_at, held_out  # noqa: E402
+from flows.decide import figures_at, held_out_scores  # noqa: E402
 
 RULES = [
     ("normal_quantile", 0.01),
@@ -70,12 +70,9 @@ def run(data: str, method: str, knobs: dict, val_fraction: float, seed: int, bat
     result = fit_and_evaluate(deployed, train, test, batch, 0, has_masks=masks)
     del deployed
     t1 = time.perf_counter()
-    fit, normals = held_out(train, val_fraction, seed)
-    second = build_method(spec, progress=False)
-    second.fit(loader(fit, size, batch, 0))
-    normal = score_all(second, loader(normals, size, batch, 0))
-    fakes = synthetic_anomalies(normals, ["cutpaste", "noise"])
-    fake = score_all(second, loader(fakes, size, batch, 0))
+    second = build_method(spec, progress=False)  # the second memory, without the held-out slice
+    held = held_out_scores(second, train, val_fraction, seed, ["cutpaste", "noise"], batch)
+    normals, fakes, normal, fake = held.normals, held.fakes, held.normal, held.fake
     del second
     t2 = time.perf_counter()
     labels = np.array([s.label for s in test])

@@ -29,6 +29,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,37 @@ def check_decision(
             )
 
 
+@dataclass
+class HeldOutScores:
+    """What a second memory, fitted without the held-out slice, gives the held-out normal images and their
+    synthetic stand-ins: each ``score_all`` triple (scores, maps, masks); ``fake`` all None without any."""
+
+    normals: list[Sample]
+    fakes: list[Sample]
+    normal: tuple
+    fake: tuple
+
+
+def held_out_scores(
+    method: AnomalyMethod,
+    train: list[Sample],
+    val_fraction: float,
+    seed: int,
+    synthetic: list[str],
+    batch_size: int = 16,
+    workers: int = 0,
+) -> HeldOutScores:
+    """Fit ``method`` (a fresh instance, its networks loaded) on the fit part of ``train`` and score the
+    held-out normal images and their synthetic anomalies."""
+    fit, normals = held_out(train, val_fraction, seed)
+    size = method.image_size
+    method.fit(loader(fit, size, batch_size, workers))
+    normal = score_all(method, loader(normals, size, batch_size, workers))
+    fakes = synthetic_anomalies(normals, synthetic)  # the rule's positives, and the normalization's top
+    fake = score_all(method, loader(fakes, size, batch_size, workers)) if fakes else (None, None, None)
+    return HeldOutScores(normals, fakes, normal, fake)
+
+
 def calibrate_held_out(
     method: AnomalyMethod,
     train: list[Sample],
@@ -100,27 +132,20 @@ def calibrate_held_out(
     batch_size: int = 16,
     workers: int = 0,
 ) -> tuple[Calibration, pa.Table]:
-    """Fit ``method`` (a fresh instance, its networks loaded) on the fit part of ``train``, score the
-    held-out normal images and their synthetic anomalies, and set the thresholds; also returns those
-    scores (path, defect, label, score) — the table ``calibration.parquet`` keeps."""
-    fit, normals = held_out(train, val_fraction, seed)
-    size = method.image_size
-    method.fit(loader(fit, size, batch_size, workers))
-    normal_scores, normal_maps, _ = score_all(method, loader(normals, size, batch_size, workers))
-    fakes = synthetic_anomalies(normals, synthetic)  # the rule's positives, and the normalization's top
-    fake: tuple = (None, None, None)
-    if fakes:
-        fake = score_all(method, loader(fakes, size, batch_size, workers))
+    """:func:`held_out_scores`, then the thresholds; also returns those scores (path, defect, label,
+    score) — the table ``calibration.parquet`` keeps."""
+    held = held_out_scores(method, train, val_fraction, seed, synthetic, batch_size, workers)
     calibration = calibrate(
-        decision["rule"], normal_scores, normal_maps, *fake, false_alarm_rate=decision["false_alarm_rate"]
+        decision["rule"], *held.normal[:2], *held.fake, false_alarm_rate=decision["false_alarm_rate"]
     )
-    held = normals + fakes
+    samples = held.normals + held.fakes
+    scores = np.r_[held.normal[0], [] if held.fake[0] is None else held.fake[0]]
     table = pa.table(
         {
-            "path": [s.path for s in held],
-            "defect": [s.defect for s in held],
-            "label": pa.array([s.label for s in held], pa.int8()),
-            "score": pa.array(np.r_[normal_scores, [] if fake[0] is None else fake[0]], pa.float32()),
+            "path": [s.path for s in samples],
+            "defect": [s.defect for s in samples],
+            "label": pa.array([s.label for s in samples], pa.int8()),
+            "score": pa.array(scores, pa.float32()),
         }
     )
     return calibration, table

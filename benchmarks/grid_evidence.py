@@ -148,7 +148,7 @@ def write_params(out: Path, name: str, methods: list[str], fresh: bool = False) 
 
 def _copy_atomic(source: Path, target: Path, ignore=None) -> None:
     """Copy the folder ``source`` to ``target`` through a temporary sibling (components.banks.replace_dir)."""
-    from components.banks import replace_dir
+    from components.atomic import replace_dir
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

@@ -314,8 +314,8 @@ def run_command(args: argparse.Namespace) -> dict:
     """Execute ``adaptad run``; returns the metrics written to DIR/metrics.json."""
     import torch
 
+    from components.atomic import replace_dir
     from components.backbones import BackboneError, FeatureExtractor, default_device
-    from components.banks import replace_dir
     from components.data import DataError, build_manifest, scan_mvtec
     from components.decision import CalibrationError
     from components.evaluation import fit_and_evaluate

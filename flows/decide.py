@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.banks import replace_dir
+from components.atomic import replace_dir
 from components.data import DataError, Sample, split_validation, synthetic_anomalies
 from components.decision import Calibration, calibrate, image_operating_point, pixel_f1, required_normals
 from components.evaluation import loader, score_all

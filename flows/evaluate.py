@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from components.banks import replace_dir
+from components.atomic import replace_dir
 from components.data import Sample
 from components.evaluation import fit_and_evaluate
 from components.methods import MethodSpec, build_method, load_networks

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.banks import replace_dir, write_text_atomic
+from components.atomic import replace_dir, write_text_atomic
 from components.metrics import METRIC_KEYS
 from components.plots import load_examples, method_comparison
 

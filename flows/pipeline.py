@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from components.banks import replace_dir, write_text_atomic
+from components.atomic import replace_dir, write_text_atomic
 from components.data import DataError, Sample, manifest_version, read_manifest
 from components.decision import DECISION_METRICS
 from components.methods import method_class

@@ -134,7 +134,7 @@ def predict_command(args: argparse.Namespace) -> dict[str, Any]:
     import pandas as pd
     from PIL import Image
 
-    from components.banks import replace_dir
+    from components.atomic import replace_dir
     from components.data import DataError, load_image
 
     out: Path = args.output

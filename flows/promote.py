@@ -313,7 +313,7 @@ def _metrics_entry(summary: dict[str, Any]) -> dict[str, Any]:
 
 def write_decisions(path: str | os.PathLike, decisions: dict[str, dict[str, Any]]) -> Path:
     """Write ``{category: {promoted, changed, versions, metrics}}`` atomically (temp file + os.replace)."""
-    from components.banks import write_text_atomic
+    from components.atomic import write_text_atomic
 
     doc = {c: _metrics_entry(s) for c, s in decisions.items()}
     target = write_text_atomic(path, json.dumps(doc, indent=2) + "\n")

@@ -261,7 +261,7 @@ def train(job: TrainJob, output: Path) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from components.banks import replace_dir
+    from components.atomic import replace_dir
 
     output = Path(output)
     if job.collapse is not None:

@@ -26,8 +26,8 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 from tqdm.auto import tqdm
 
+from components.atomic import replace_dir
 from components.backbones import FeatureExtractor
-from components.banks import replace_dir
 from components.prefix import image_key
 from components.specs import MethodSpec
 

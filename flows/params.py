@@ -431,6 +431,10 @@ SAME_RESULTS_AS: dict[str, str] = {
     # below): kolektorsdd's dn2 and PaDiM evidence jobs re-ran byte-identical under it (every output file
     # but the timings in metrics.json)
     "code-d5d6740d31afae46": "code-b469b7027ce0bae9",
+    # the atomic-write helpers moved from components/banks.py to components/atomic.py (imports only):
+    # kolektorsdd's dn2 and PaDiM evidence jobs, and a PANDA and a gaussian_ft training job, re-ran
+    # byte-identical under it
+    "code-aaafe12e702ec637": "code-b469b7027ce0bae9",
 }
 
 # topology 1: the official code's split cosine classifier and anchor rehearsal (issue 19)

@@ -10,6 +10,7 @@ node and the grid finishes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -48,17 +49,19 @@ def second_node(nodes):
     return nodes.add_node(num_cpus=1)
 
 
-def train_workers(node) -> list[int]:
-    """Pids of the Ray Train workers that ``node``'s raylet started."""
-    pids = []
+def worker_titles(node) -> list[str]:
+    """Process titles (command lines) of the processes ``node``'s raylet started: its Ray workers."""
+    titles = []
     for info in node.all_processes.get("raylet", []):
         for proc in psutil.Process(info.process.pid).children(recursive=True):
-            try:
-                if "RayTrainWorker" in " ".join(proc.cmdline()):
-                    pids.append(proc.pid)
-            except psutil.Error:
-                pass
-    return pids
+            with contextlib.suppress(psutil.Error):
+                titles.append(" ".join(proc.cmdline()))
+    return titles
+
+
+def train_workers(node) -> list[str]:
+    """The Ray Train workers on ``node``."""
+    return [title for title in worker_titles(node) if "RayTrainWorker" in title]
 
 
 def wait_for(pattern: str, alive, seconds: float = 300) -> bool:
@@ -210,7 +213,7 @@ def test_a_grid_job_whose_node_dies_is_retried_and_finishes(industrial_root, tmp
             deadline = time.monotonic() + 300
             while victim is None and grid.poll() is None:
                 assert time.monotonic() < deadline, "no grid job ran on the second node"
-                victim = next(iter(ray_tasks(node, "ray::evaluate:")), None)
+                victim = next((t for t in worker_titles(node) if t.startswith("ray::evaluate:")), None)
                 time.sleep(0.05)
             assert victim, grid.communicate()[0][-4000:]
             nodes.remove_node(node, allow_graceful=False)
@@ -226,17 +229,3 @@ def test_a_grid_job_whose_node_dies_is_retried_and_finishes(industrial_root, tmp
         assert rows[other]["attempts"] == 1
     finally:
         nodes.shutdown()
-
-
-def ray_tasks(node, prefix: str) -> list[str]:
-    """Process titles of ``node``'s Ray workers that run a task whose title starts with ``prefix``."""
-    titles = []
-    for info in node.all_processes.get("raylet", []):
-        for proc in psutil.Process(info.process.pid).children(recursive=True):
-            try:
-                title = " ".join(proc.cmdline())
-            except psutil.Error:
-                continue
-            if title.startswith(prefix):
-                titles.append(title)
-    return titles

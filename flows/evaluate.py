@@ -6,6 +6,8 @@ A run folder (``runs/categories/<run key>/``) appears atomically, complete or no
 - ``metrics.json``   image/pixel AUROC, AUPRO@0.3, F1-max, timings, and the run's identity
 - ``scores.parquet`` per-image scores; ``roc.csv`` / ``pro.csv`` curves; ``heatmaps.png``, ``curves.png``
 - ``history.json``   per-epoch training signals; ``train.json`` training summary and tags
+- ``selection.json`` only when training recorded every epoch's weights (``train.record_epochs``): per
+                     epoch the selection signal and the test image AUROC, the kept epoch, the regret
 - ``examples/``      the same few test images for every method of the category (images, masks, this
                      method's maps; components.plots.comparison_examples) for side-by-side heat maps
 
@@ -36,6 +38,7 @@ from components.evaluation import fit_and_evaluate
 from components.methods import MethodSpec, build_method, load_networks
 from components.metrics import METRIC_KEYS, pro_curve_table, roc_curve_table
 from components.plots import comparison_examples, curves_plot, heatmap_grid, save_examples
+from components.selection import epoch_test_aurocs, selection_record
 
 
 @dataclass
@@ -173,7 +176,33 @@ def _evaluate_into(job: CategoryJob, tmp: Path, device: str | None, identity: di
     curves_plot(roc, pro, metrics, tmp / "curves.png", title=title)
     examples = comparison_examples(result.samples)
     save_examples(tmp / "examples", result.samples, result.maps, result.masks, examples)
+    if job.trained is not None and job.training.get("epoch_weights"):
+        t0 = time.perf_counter()
+        record = _selection(job, method)
+        (tmp / "selection.json").write_text(json.dumps(record, indent=2))
+        metrics |= {
+            "kept_epoch": float(record["kept_epoch"]),
+            "best_test_epoch": float(record["best_test_epoch"]),
+            "selection_regret": record["regret"],
+            "selection_seconds": time.perf_counter() - t0,
+        }
     return metrics
+
+
+def _selection(job: CategoryJob, method) -> dict[str, Any]:
+    """Test image AUROC of every recorded epoch (after training, never seen by it) and the regret of
+    the epoch the method kept (components.selection); runs last: it reloads the method's weights."""
+    assert job.trained is not None
+    folder = job.trained / job.training["epoch_weights"]
+    epochs = {int(d.name): d for d in folder.iterdir() if d.is_dir() and d.name.isdigit()}
+    aurocs = epoch_test_aurocs(method, epochs, job.train, job.test, job.batch_size, job.loader_workers)
+    return selection_record(
+        aurocs,
+        job.training.get("history", []),
+        int(job.training["kept_epoch"]),
+        job.training.get("selection_signal"),
+        job.training.get("pretrained_signal"),
+    )
 
 
 def read_run(directory: str | Path) -> dict[str, Any] | None:

@@ -125,6 +125,10 @@ class Train(Strict):
     )
     loader_workers: int = Field(0, ge=0)
     collapse: Collapse = Collapse()
+    record_epochs: bool = Field(
+        False,
+        description="keep every epoch's weights; the evaluation measures each one's test AUROC (regret)",
+    )
 
 
 class Evaluate(Strict):
@@ -479,7 +483,9 @@ def run_key(params: Params, category: str, data_version: str, code: str | None =
         "spec": params.spec().to_json(),
         "seed": params.seed,
         "train": params.train.model_dump(
+            # record_epochs adds selection.json to a run: in the key only when on (old keys stay valid)
             exclude={"storage", "max_failures", "loader_workers", "placement_strategy"}
+            | ({"record_epochs"} if not params.train.record_epochs else set())
         ),
     }
     key = {"data": data_version, "category": category, "params": resolved, "code": code or code_version()}

@@ -92,6 +92,7 @@ def train_task(key: str, params: Params, category: str, train_samples: list[Samp
         storage=t.storage,
         placement_strategy=t.placement_strategy,
         collapse=t.collapse.thresholds(),
+        record_epochs=t.record_epochs,
     )
     result = train(job, Path(params.pipeline.runs_dir) / key / "trained")
     get_run_logger().info(

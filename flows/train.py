@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from components.atomic import replace_dir
 from components.data import ImageDataset, Sample, split_validation, synthetic_anomalies
 from components.evaluation import loader
 from components.methods import MethodSpec, build_method, load_networks, save_networks
@@ -55,6 +56,9 @@ class TrainJob:
     placement_strategy: str = "PACK"
     #: collapse monitor thresholds (CollapseThresholds fields); None switches the monitor off
     collapse: dict[str, Any] | None = field(default_factory=dict)
+    #: keep every epoch's weights (``epochs/<epoch>/`` in the output) so that the evaluation can measure
+    #: the test AUROC of each epoch after training: the selection regret (never seen by the method)
+    record_epochs: bool = False
 
 
 @dataclass
@@ -84,6 +88,17 @@ def _save_checkpoint(directory: Path, method, optimizer, monitor, progress: dict
     torch.save(method.state_dict(), directory / "method.pt")
     torch.save(monitor.state_dict() if monitor is not None else {}, directory / "monitor.pt")
     (directory / "progress.json").write_text(json.dumps(progress))
+
+
+def _snapshot(directory: Path, epoch: int, method) -> None:
+    """Write ``method``'s networks as ``directory/<epoch>/`` (whole or not at all)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{epoch}.", dir=directory))
+    try:
+        save_networks(method, tmp)
+        replace_dir(tmp, directory / str(epoch))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _distributed() -> bool:
@@ -125,6 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_loader = loader(validation, size, bs, nw)
 
     monitor = None if job["collapse"] is None else CollapseMonitor(CollapseThresholds(**job["collapse"]))
+    snapshots = Path(job["epoch_weights"]) if job.get("epoch_weights") and rank == 0 else None
     progress: dict[str, Any] = {"epoch": 0, "history": [], "tags": {}, "restarts": 0, "final": False}
     checkpoint = ray.train.get_checkpoint()
     optimizer_state = None
@@ -147,6 +163,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 first = monitor.begin(method.monitor_features, loader(fit, size, bs, nw), val_loader)
                 progress["monitor"] = [{"epoch": 0, **first.metrics}]
         progress["begin_seconds"] = time.perf_counter() - t_begin
+        progress["pretrained_signal"] = method.pretrained_signal
+        if snapshots is not None and method.epoch0_candidate:
+            _snapshot(snapshots, 0, method)
 
     model = ray.train.torch.prepare_model(method.trainable())
     optimizer = method.make_optimizer()
@@ -209,11 +228,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     progress["collapsed"] = {"epoch": epoch, "reason": reason}
         progress["history"].append(row)
         progress["epoch"] = epoch
+        if snapshots is not None:
+            _snapshot(snapshots, epoch, method)
         stop = _any_rank(report_.stop) or collapsed
         if report_.stop:
             progress["stopped_early"] = True
         report(final=False)
     if not progress["final"]:
+        progress["kept_epoch"] = method.kept_epoch(progress["epoch"])
+        progress["selection_signal"] = method.selection_signal
         method.end_training()
         progress["final"] = True
         report(final=True)
@@ -261,13 +284,18 @@ def train(job: TrainJob, output: Path) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from components.atomic import replace_dir
-
     output = Path(output)
     if job.collapse is not None:
         CollapseThresholds(**job.collapse)  # a bad threshold name fails here, not in a worker
     if (output / "summary.json").is_file():
         return TrainResult(output, json.loads((output / "summary.json").read_text()))
+    epoch_weights = None
+    if job.record_epochs:
+        if "://" in job.storage:
+            raise ValueError(
+                f"train.record_epochs needs train.storage to be a folder every node sees, not {job.storage}"
+            )
+        epoch_weights = Path(storage_uri(job.storage)) / job.run_key / "epoch_weights"
     ensure_ray()
     use_gpu = _use_gpu(job.use_gpu)
     payload = {
@@ -275,6 +303,7 @@ def train(job: TrainJob, output: Path) -> TrainResult:
         "spec": job.spec.to_json(),
         "train": [absolute(s).__dict__ for s in job.train],  # workers may run in another folder
         "synthetic": list(job.synthetic),
+        "epoch_weights": str(epoch_weights) if epoch_weights else None,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -307,6 +336,8 @@ def train(job: TrainJob, output: Path) -> TrainResult:
                 raise RuntimeError(f"training run {job.run_key}: last checkpoint is not final")
             for network in Path(ckpt).glob("*.safetensors"):
                 shutil.copy(network, tmp / network.name)
+        if epoch_weights is not None:
+            _collect_epochs(epoch_weights, progress, tmp / "epochs", job.run_key)
         summary = {
             "epochs": progress["epoch"],
             "history": progress["history"],
@@ -316,6 +347,10 @@ def train(job: TrainJob, output: Path) -> TrainResult:
             "collapsed": progress.get("collapsed"),
             "monitor": progress.get("monitor", []),
             "begin_seconds": progress.get("begin_seconds", 0.0),
+            "kept_epoch": progress.get("kept_epoch"),
+            "selection_signal": progress.get("selection_signal"),
+            "pretrained_signal": progress.get("pretrained_signal"),
+            **({"epoch_weights": "epochs"} if epoch_weights is not None else {}),
             "seconds": time.perf_counter() - t0,
             "workers": job.num_workers,
             "use_gpu": use_gpu,
@@ -326,3 +361,13 @@ def train(job: TrainJob, output: Path) -> TrainResult:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TrainResult(output, summary)
+
+
+def _collect_epochs(source: Path, progress: dict[str, Any], target: Path, run_key: str) -> None:
+    """Copy the snapshots of the epochs this run trained (``0..epoch``; 0 where recorded) to ``target``."""
+    first = 0 if (source / "0").is_dir() else 1
+    missing = [e for e in range(first, progress["epoch"] + 1) if not (source / str(e)).is_dir()]
+    if missing:
+        raise RuntimeError(f"training run {run_key}: no weights recorded for epochs {missing} in {source}")
+    for epoch in range(first, progress["epoch"] + 1):
+        shutil.copytree(source / str(epoch), target / str(epoch))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from components.data import scan_mvtec
 from components.methods import MethodSpec
@@ -93,3 +95,56 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, kolektor_
     s = holder["result"].summary
     assert s["restarts"] >= 1 and s["epochs"] == 4
     assert [row["epoch"] for row in s["history"]] == [1, 2, 3, 4]  # no epoch lost or repeated
+
+
+def test_recorded_epochs_give_the_selection_regret(
+    ray_cluster, kolektor_train, industrial_root, tmp_path
+) -> None:
+    """record_epochs: every epoch's weights are kept; after training the evaluation scores each one on the
+    test split and writes selection.json, whose kept epoch is the model the run folder holds."""
+    from safetensors.torch import load_file
+
+    from flows.evaluate import CategoryJob, evaluate_category
+
+    recorded = dataclasses.replace(job(tmp_path, kolektor_train, "epochs", 2), record_epochs=True)
+    result = train(recorded, tmp_path / "trained")
+    s = result.summary
+    assert s["epoch_weights"] == "epochs" and s["selection_signal"] == "val_auroc"
+    assert s["pretrained_signal"] is not None and 0 <= s["kept_epoch"] <= 2
+    epochs = result.directory / "epochs"
+    assert sorted(int(d.name) for d in epochs.iterdir()) == [0, 1, 2]
+    kept = load_file(str(epochs / str(s["kept_epoch"]) / "backbone.safetensors"))
+    final = load_file(str(result.directory / "backbone.safetensors"))
+    assert all(torch.equal(kept[k], final[k]) for k in final)  # the kept epoch is the final model
+    first = load_file(str(epochs / "0" / "backbone.safetensors"))
+    assert any(
+        not torch.equal(first[k], load_file(str(epochs / "2" / "backbone.safetensors"))[k]) for k in first
+    )
+
+    test = [s_ for s_ in scan_mvtec(industrial_root, "kolektorsdd") if s_.split == "test"]
+    test = [t for t in test if t.label == 0][:6] + [t for t in test if t.label == 1][:6]
+    evaluation = CategoryJob(
+        "industrial",
+        "kolektorsdd",
+        "epochs",
+        "v",
+        recorded.spec,
+        kolektor_train,
+        test,
+        batch_size=4,
+        trained=result.directory,
+        training=s,
+    )
+    out = evaluate_category(evaluation, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert [r["epoch"] for r in record["epochs"]] == [0, 1, 2] and record["kept_epoch"] == s["kept_epoch"]
+    # the run folder's model is the kept epoch's: the same test image AUROC
+    assert record["kept_test_image_auroc"] == pytest.approx(out["metrics"]["image_auroc"], abs=1e-9)
+    aurocs = [r["test_image_auroc"] for r in record["epochs"]]
+    assert (
+        record["regret"] == pytest.approx(max(aurocs) - aurocs[record["kept_epoch"]])
+        and record["regret"] >= 0
+    )
+    assert record["epochs"][0]["signal"] == s["pretrained_signal"]
+    assert [r["signal"] for r in record["epochs"][1:]] == [h["val_auroc"] for h in s["history"]]
+    assert out["metrics"]["selection_regret"] == record["regret"]

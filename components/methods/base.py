@@ -123,6 +123,18 @@ class AnomalyMethod(ABC):
     def end_training(self) -> None:  # noqa: B027 (optional hook)
         """Called once after the last epoch (e.g. to restore the selected epoch's weights)."""
 
+    # --- model selection (what the method keeps, and on which label-free signal) ----------------------
+    #: the epoch-history key the method selects its epoch on (None: it keeps the last epoch)
+    selection_signal: str | None = None
+    #: the selection signal of the pretrained weights (epoch 0), set by ``begin_training`` where measured
+    pretrained_signal: float | None = None
+    #: whether epoch 0 (the weights before the first step) is a model the method could keep
+    epoch0_candidate: ClassVar[bool] = True
+
+    def kept_epoch(self, last: int) -> int:
+        """The epoch whose weights :meth:`end_training` keeps (0: the weights before training)."""
+        return last
+
     def state_dict(self) -> dict[str, Any]:
         """The method's own training state (tensors, numbers, strings) for checkpoints."""
         return {}

@@ -192,6 +192,7 @@ class GaussianFT(GaussianAD):
         sep = float(np.mean(list(seps.values())))
         self.best = {"separation": sep, "epoch": 0, "bad_epochs": 0}
         self.best_weights = {n: t.clone() for n, t in self.theta0.items()}
+        self.pretrained_signal = sep
         tags = {
             "gaussian_ft.val_separation_pretrained": f"{sep:.4f}",
             "gaussian_ft.augmentations": ",".join(self.augmentations),
@@ -301,6 +302,11 @@ class GaussianFT(GaussianAD):
             "gaussian_refits": float(self.refits),
         }
         return EpochReport(metrics=metrics, stop=self.best["bad_epochs"] >= self.patience)
+
+    selection_signal = "val_separation"
+
+    def kept_epoch(self, last: int) -> int:
+        return int(self.best["epoch"]) if self.best_weights else last
 
     def end_training(self) -> None:
         """Restore the best epoch's weights (epoch 0: the pretrained ones)."""

@@ -178,6 +178,7 @@ class PANDA(DN2):
         auroc = self.validation_auroc(validation)
         self.best = {"auroc": auroc, "epoch": 0, "bad_epochs": 0}
         self.best_weights = {n: t.clone() for n, t in self.theta0.items()}
+        self.pretrained_signal = auroc
         tags["panda.val_auroc_pretrained"] = f"{auroc:.4f}"
         return tags
 
@@ -267,6 +268,11 @@ class PANDA(DN2):
             "weight_drift": float(drift) ** 0.5,
         }
         return EpochReport(metrics=metrics, stop=stop)
+
+    selection_signal = "val_auroc"
+
+    def kept_epoch(self, last: int) -> int:
+        return int(self.best["epoch"]) if self.early_stopping and self.best_weights else last
 
     def end_training(self) -> None:
         """Keep the selected epoch's weights (early stopping) or the last ones (EWC without stopping)."""
@@ -405,6 +411,7 @@ class PANDAOE(PANDA):
         auroc = self.validation_auroc(validation)
         self.best = {"auroc": auroc, "epoch": 0, "bad_epochs": 0}
         self.best_weights = {n: t.clone() for n, t in self.theta0.items()}
+        self.pretrained_signal = auroc
         return {
             "panda_oe.outliers": f"{self.outliers} ({self.outlier_count} images)",
             "panda.regulariser": "outlier_exposure",

@@ -547,6 +547,15 @@ class ReContrast(AnomalyMethod):
         """The networks that training changes (the frozen copy never does)."""
         return {k: v for k, v in self.networks().items() if k != "frozen"}
 
+    epoch0_candidate = False  # before the first step the decoder is untrained: not a model to keep
+
+    @property
+    def selection_signal(self) -> str | None:  # type: ignore[override]
+        return "val_auroc" if self.select == "validation" else None
+
+    def kept_epoch(self, last: int) -> int:
+        return int(self.best["epoch"]) if self.select == "validation" and self.best_weights else last
+
     def end_training(self) -> None:
         """Keep the last epoch (``select="last"``) or the best validation epoch's weights."""
         if self.select == "validation" and self.best_weights:

@@ -439,6 +439,10 @@ SAME_RESULTS_AS: dict[str, str] = {
     # kolektorsdd's dn2 and PaDiM evidence jobs, and a PANDA and a gaussian_ft training job, re-ran
     # byte-identical under it
     "code-aaafe12e702ec637": "code-b469b7027ce0bae9",
+    # train.record_epochs and the selection hooks (kept_epoch, selection_signal; issue 20 item 3), off by
+    # default: kolektorsdd's dn2 and PaDiM evidence jobs (every output file but the timings) and a PANDA
+    # and a gaussian_ft training job (weights and histories) re-ran byte-identical under it
+    "code-1c7d1ffb090913ca": "code-b469b7027ce0bae9",
 }
 
 # topology 1: the official code's split cosine classifier and anchor rehearsal (issue 19)

@@ -97,3 +97,34 @@ def regret_table(
             }
         )
     return out
+
+
+def trial_signal(summary: Mapping[str, Any], metric: str | None = None) -> float | None:
+    """A finished training job's validation signal at the epoch it kept: ``metric`` (an epoch-history
+    key) or, by default, the signal the method selects on. None where there is none to compare: a
+    collapsed run, or a kept epoch without that value (e.g. epoch 0 for a metric other than the method's
+    own, which is measured on the pretrained weights only)."""
+    own = summary.get("selection_signal")
+    key = metric or own
+    if key is None:
+        raise ValueError(
+            "tune.metric: the method keeps its last epoch and selects on no signal — name an epoch-history "
+            "key to compare trials on (e.g. val_auroc)"
+        )
+    if summary.get("collapsed"):
+        return None
+    kept = int(summary.get("kept_epoch") if summary.get("kept_epoch") is not None else summary["epochs"])
+    if kept == 0:
+        value = summary.get("pretrained_signal") if key == own else None
+    else:
+        row = next((r for r in summary.get("history", []) if int(r["epoch"]) == kept), {})
+        value = row.get(key)
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def choose_trial(signals: Sequence[float | None], mode: str = "max") -> int:
+    """Index of the best signal (``mode`` max or min; ties: the first trial); None is never chosen."""
+    candidates = [(s if mode == "max" else -s, -i) for i, s in enumerate(signals) if s is not None]
+    if not candidates:
+        raise ValueError("tune: no trial has a validation signal to choose by (all collapsed or unmeasured)")
+    return -max(candidates)[1]

@@ -86,6 +86,7 @@ from flows.pipeline import (
     start_ray,
     train_task,
     trains,
+    tuned,
 )
 from flows.pipeline import (
     category_job as make_category_job,
@@ -538,6 +539,7 @@ def _decide(
     training = json.loads((run_dir / "train.json").read_text()) if (run_dir / "train.json").is_file() else {}
     if training.get("directory") and not Path(training["directory"]).is_dir():
         return None  # the trained weights are gone
+    variant = tuned(variant, training)
     category_job = make_category_job(variant, job.category, job.run_key, data_version, samples, training)
     t = variant.train
     args = (variant.decision.model_dump(), t.val_fraction, variant.seed, list(t.synthetic))
@@ -587,7 +589,7 @@ def job_task(
     if record is None:
         _check_files(samples)  # fails in milliseconds, not after a worker started
         training = _train(job, variant, samples, dataset_train)
-        record = _evaluate(job, variant, data_version, samples, training, cpus)
+        record = _evaluate(job, tuned(variant, training), data_version, samples, training, cpus)
         get_run_logger().info("%s: done in %.1f s", job.label, time.perf_counter() - t0)
     decision = _decide(job, variant, data_version, samples, record, cpus)
     experiment, parent, grid_key = mlflow_run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -131,6 +132,38 @@ class Train(Strict):
     )
 
 
+class Tune(Strict):
+    """Label-free hyper-parameter search of each training job on the Ray cluster (flows/tune.py).
+
+    ``space`` maps knobs of the chosen method to candidate values; every combination is one trial (a full
+    training job). The trial whose ``metric`` — a validation signal of held-out normal images and their
+    synthetic anomalies, never the test split — is best is kept; only it is evaluated and registered.
+    Empty ``space``: no search.
+    """
+
+    space: dict[str, list[Any]] = Field(default_factory=dict, description="method knob -> candidate values")
+    metric: str | None = Field(
+        None, description="epoch-history key; null: the method's own selection signal at its kept epoch"
+    )
+    mode: Literal["max", "min"] = "max"
+    max_concurrent_trials: int = Field(1, ge=1, description="trials at once (each one a DDP training job)")
+    max_failures: int = Field(1, ge=0, description="retries of a trial whose process or node is lost")
+
+    @field_validator("space")
+    @classmethod
+    def _candidates(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for knob, values in v.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{knob}: give a non-empty list of candidate values (got {values!r})")
+            _unique(knob, values)
+        return v
+
+    def trials(self) -> list[dict[str, Any]]:
+        """Every combination of the candidate values (knob order as written), as knob -> value."""
+        knobs = list(self.space)
+        return [dict(zip(knobs, values, strict=True)) for values in itertools.product(*self.space.values())]
+
+
 class Evaluate(Strict):
     batch_size: int = Field(16, gt=0)
     loader_workers: int = Field(1, ge=0)
@@ -238,6 +271,7 @@ class Params(Strict):
     seed: int = 0
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description="knobs per method")
     train: Train = Train()
+    tune: Tune = Tune()
     evaluate: Evaluate = Evaluate()
     pipeline: Pipeline = Pipeline()
     decision: Decision = Decision()
@@ -303,6 +337,11 @@ class Params(Strict):
     def method_params(self) -> dict[str, Any]:
         return dict(self.methods.get(self.method, {}))
 
+    def with_knobs(self, knobs: dict[str, Any]) -> Params:
+        """These params with ``knobs`` set on the chosen method (e.g. a tune trial's)."""
+        methods = {**self.methods, self.method: {**self.method_params(), **knobs}}
+        return self.model_copy(update={"methods": methods})
+
     def spec(self) -> MethodSpec:
         return MethodSpec(
             self.method, self.backbone, self.weights, None, self.image_size, self.method_params()
@@ -362,6 +401,14 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS, overrides: dict[str, A
                 f"{path}: methods.{name}.{unknown[0]}: not a knob of {name} "
                 f"(knobs: {', '.join(sorted(known))})"
             )
+    if params.tune.space:
+        known = _knobs(params.method)
+        unknown = sorted(set(params.tune.space) - known)
+        if unknown:
+            raise ParamsError(
+                f"{path}: tune.space.{unknown[0]}: not a knob of {params.method} "
+                f"(knobs: {', '.join(sorted(known))})"
+            )
     return params
 
 
@@ -383,13 +430,20 @@ def check_method(params: Params, path: str | os.PathLike = DEFAULT_PARAMS) -> No
             raise ParamsError(f"{path}: methods.{params.method}.{knob}: {value}: no such {kind}")
 
     try:
-        build_method(params.spec(), "cpu", progress=False, weights="none").extractor.check_image_size(
-            params.image_size
-        )
+        method = build_method(params.spec(), "cpu", progress=False, weights="none")
+        method.extractor.check_image_size(params.image_size)
+        for knobs in params.tune.trials() if params.tune.space else []:  # every trial's knobs build
+            build_method(params.with_knobs(knobs).spec(), "cpu", progress=False, weights="none")
     except BackboneError as err:
         raise ParamsError(f"{path}: {err}") from None
     except (TypeError, ValueError) as err:
-        raise ParamsError(f"{path}: methods.{params.method}: {err}") from None
+        where = "methods" if not params.tune.space else "methods / tune.space"
+        raise ParamsError(f"{path}: {where}.{params.method}: {err}") from None
+    if params.tune.space and params.tune.metric is None and method.selection_signal is None:
+        raise ParamsError(
+            f"{path}: tune.metric: {params.method} keeps its last epoch and selects on no signal — name an "
+            "epoch-history key to compare the trials on (e.g. val_auroc)"
+        )
 
 
 # The code that computes a run's results (training, banks, scores, metrics). Orchestration (flows/pipeline,
@@ -492,6 +546,8 @@ def run_key(params: Params, category: str, data_version: str, code: str | None =
             | ({"record_epochs"} if not params.train.record_epochs else set())
         ),
     }
+    if params.tune.space:  # the kept model is the best of the trials: the search is part of its identity
+        resolved["tune"] = params.tune.model_dump(exclude={"max_concurrent_trials", "max_failures"})
     key = {"data": data_version, "category": category, "params": resolved, "code": code or code_version()}
     if revision := METHOD_REVISIONS.get(params.method):
         key["revision"] = revision

@@ -36,6 +36,7 @@ from flows.evaluate import METRIC_KEYS, CategoryJob, evaluate_category, evaluate
 from flows.params import RESULT_CODE, Params, check_method, code_version, load_params, run_key
 from flows.services import restore_stop_handler, worker_env_defaults
 from flows.train import TrainJob, absolute, ensure_ray, train
+from flows.tune import tune_and_train
 
 
 def trains(params: Params) -> bool:
@@ -94,7 +95,19 @@ def train_task(key: str, params: Params, category: str, train_samples: list[Samp
         collapse=t.collapse.thresholds(),
         record_epochs=t.record_epochs,
     )
-    result = train(job, Path(params.pipeline.runs_dir) / key / "trained")
+    output = Path(params.pipeline.runs_dir) / key / "trained"
+    result = tune_and_train(job, params.tune, output) if params.tune.space else train(job, output)
+    if "tune" in result.summary:
+        t = result.summary["tune"]
+        get_run_logger().info(
+            "%s: tune kept trial %d of %d (%s, %s %s)",
+            category,
+            t["chosen"] + 1,
+            len(t["trials"]),
+            t["knobs"],
+            t["metric"],
+            t["trials"][t["chosen"]]["signal"],
+        )
     get_run_logger().info(
         "%s: trained %s epochs in %.1f s", category, result.summary["epochs"], result.summary["seconds"]
     )
@@ -105,6 +118,11 @@ def train_task(key: str, params: Params, category: str, train_samples: list[Samp
             result.summary["collapsed"]["reason"],
         )
     return {"directory": str(result.directory.resolve()), "run_key": key, **result.summary}
+
+
+def tuned(params: Params, training: dict[str, Any]) -> Params:
+    """``params`` with the knobs of the trial a tune kept (unchanged without a tune)."""
+    return params.with_knobs(training["tune"]["knobs"]) if training.get("tune") else params
 
 
 def category_job(
@@ -269,6 +287,7 @@ def category_task(
         training = train_task(key, params, category, [s for s in samples if s.split == "train"])
     else:
         training = {}
+    params = tuned(params, training)  # evaluated, decided and logged with the kept trial's knobs
     evaluation = evaluate_task(key, params, category, version, samples, training)
     decision = None
     if not evaluation.get("collapsed"):  # a collapsed run has no model to decide with

@@ -346,7 +346,14 @@ def version_description(
     rows = "\n".join(f"| {k} | {_fmt(metrics.get(k))} |" for k in METRIC_KEYS)
     spec_rows = "\n".join(f"| {k} | `{json.dumps(v, default=str)}` |" for k, v in spec.items())
     tags = training.get("tags") or {}
-    train_lines = [
+    train_lines = []
+    if tune := training.get("tune"):  # flows/tune.py
+        signal = tune["trials"][tune["chosen"]]["signal"]
+        train_lines.append(
+            f"- chosen by tune: trial {tune['chosen'] + 1} of {len(tune['trials'])}, knobs "
+            f"`{json.dumps(tune['knobs'])}`, {tune['metric']} {_fmt(signal)}"
+        )
+    train_lines += [
         f"- epochs: {training.get('epochs', metrics.get('epochs', 0))}",
         f"- training seconds: {_fmt(training.get('seconds', metrics.get('train_seconds')))}",
         f"- evaluation seconds: {_fmt(metrics.get('evaluate_seconds'))}",
@@ -502,6 +509,13 @@ def log_run(run_dir: str | Path, params: Params, decision_dir: str | Path | None
         run_id = run.info.run_id
         mlflow.log_params(run_params(record, params))
         metrics = {k: v for k, v in record.get("metrics", {}).items() if _finite(v) is not None}
+        if training.get("tune"):  # the trials and the choice (flows/tune.py)
+            t = training["tune"]
+            mlflow.log_params(
+                {"tune.metric": t["metric"], "tune.mode": t["mode"], "tune.trials": len(t["trials"])}
+                | {f"tune.chosen.{k}": v for k, v in t["knobs"].items()}
+            )
+            mlflow.log_dict(t, "tune.json")
         if decision is not None:
             calibration = decision["calibration"]
             mlflow.log_params({f"decision.{k}": calibration[k] for k in ("rule", "false_alarm_rate")})

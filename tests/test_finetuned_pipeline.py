@@ -26,6 +26,7 @@ CATEGORIES = {
     "panda_oe": ["magnetic_tile"],
     "topology": BOTH,
     "recontrast": ["kolektorsdd"],
+    "tune": ["kolektorsdd"],
 }
 RUNS = {
     "gaussian_ft": {
@@ -51,6 +52,12 @@ RUNS = {
     "recontrast": {
         "method": "recontrast",
         "methods.recontrast": {"epochs": 2, "bottleneck_blocks": 1, "decoder_blocks": [1, 1, 1]},
+    },
+    # a 2-trial Ray Tune search of PANDA's learning rate, chosen on the validation slice
+    "tune": {
+        "method": "panda",
+        "methods.panda": {"epochs": 1, "early_stopping": False, "gallery": 2, "reference_images": 8},
+        "tune.space": {"lr": [0.01, 0.001]},
     },
 }
 
@@ -114,11 +121,11 @@ def _trainings(home: Path, name: str) -> list[dict]:
     return [json.loads((f / "summary.json").read_text()) for f in sorted(folders)]
 
 
-def _versions(home: Path, method: str) -> list:
+def _versions(home: Path, method: str, categories: list[str] = BOTH) -> list:
     client = _client(home)
     return [
         v
-        for c in BOTH
+        for c in categories
         for v in client.search_model_versions(f"name='adaptad-two-{c}'")
         if v.tags.get("method") == method
     ]
@@ -175,10 +182,39 @@ def test_the_collapse_monitor_stops_tags_and_never_registers_a_collapsing_run(ru
     for summary in _trainings(home, "collapse"):
         assert summary["collapsed"] and summary["epochs"] < 4, summary["monitor"]  # stopped before the end
         assert summary["collapsed"]["epoch"] == summary["epochs"]
-    assert _versions(home, "panda") == []  # never a challenger, not even a version
+    assert _versions(home, "panda", CATEGORIES["collapse"]) == []  # never a challenger, not even a version
     client = _client(home)
     (experiment,) = [e for e in client.search_experiments() if e.name == "adaptad-two"]
     collapsed = client.search_runs([experiment.experiment_id], "tags.collapsed = 'true'")
     assert {run.data.tags["category"] for run in collapsed} == set(CATEGORIES["collapse"])
     assert all("COLLAPSED" in run.data.tags["mlflow.note.content"] for run in collapsed)
     assert all("train/monitor/effective_rank" in run.data.metrics for run in collapsed)
+
+
+def test_a_tune_trains_every_trial_and_registers_only_the_chosen_one(runs) -> None:
+    from components.selection import choose_trial
+
+    home, results, _ = runs
+    assert results["tune"]["error"] is None, results["tune"]
+    (key_dir,) = [p for p in (home / "runs" / "tune").iterdir() if (p / "trained").is_dir()]
+    summary = json.loads((key_dir / "trained" / "summary.json").read_text())
+    tune = summary["tune"]
+    assert [t["knobs"] for t in tune["trials"]] == [{"lr": 0.01}, {"lr": 0.001}]
+    assert tune["metric"] == "val_auroc" and all(t["kept_epoch"] == 1 for t in tune["trials"])
+    assert tune["chosen"] == choose_trial([t["signal"] for t in tune["trials"]], "max")
+    chosen = tune["trials"][tune["chosen"]]
+    assert tune["knobs"] == chosen["knobs"]
+    trial_dir = key_dir / "trials" / chosen["run_key"]
+    for t in tune["trials"]:  # every trial trained, under its own run key, as a Ray Tune trial
+        assert (key_dir / "trials" / t["run_key"] / "summary.json").is_file()
+    assert (home / "ray" / f"{key_dir.name}-tune").is_dir()
+    kept = (key_dir / "trained" / "backbone.safetensors").read_bytes()
+    assert kept == (trial_dir / "backbone.safetensors").read_bytes()  # the chosen trial's weights
+    record = json.loads((key_dir / "evaluation" / "metrics.json").read_text())
+    assert record["spec"]["params"]["lr"] == chosen["knobs"]["lr"]  # evaluated with the kept knobs
+    (version,) = _versions(home, "panda", CATEGORIES["tune"])  # one version: only the chosen model
+    assert "chosen by tune: trial" in version.description
+    run = _client(home).get_run(version.run_id)
+    assert run.data.params["tune.trials"] == "2"
+    assert float(run.data.params["tune.chosen.lr"]) == chosen["knobs"]["lr"]
+    assert float(run.data.params["panda.lr"]) == chosen["knobs"]["lr"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.params import ParamsError, code_version, load_params, method_knobs, run_key
+from flows.params import ParamsError, check_method, code_version, load_params, method_knobs, run_key
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -30,6 +30,9 @@ def test_repo_params_are_valid_and_default_to_the_demo() -> None:
         ({"image_size": "big"}, "image_size: Input should be a valid integer"),
         ({"promote.gates.min_image_auroc": 2}, "promote.gates.min_image_auroc: Input should be less than"),
         ({"train.typo": 1}, "train.typo: Extra inputs are not permitted"),
+        ({"tune.space.learning_rate": [0.1, 0.01]}, "tune.space.learning_rate: not a knob of panda"),
+        ({"tune.space.lr": []}, "tune.space: lr: give a non-empty list of candidate values"),
+        ({"tune.space.lr": [0.1, 0.1]}, "tune.space: 0.1 is listed twice"),
     ],
 )
 def test_invalid_values_name_the_key(overrides, message) -> None:
@@ -101,6 +104,40 @@ def test_run_key_changes_with_what_matters_only() -> None:
         PARAMS, {"train.storage": "/elsewhere", "train.max_failures": 5, "mlflow.tracking_uri": "x"}
     )
     assert run_key(same, "deeppcb", "data-v1", code="c1") == base
+    # recording every epoch and a tune search change what a run holds or which model it keeps
+    assert (
+        run_key(load_params(PARAMS, {"train.record_epochs": False}), "deeppcb", "data-v1", code="c1") == base
+    )
+    recorded = load_params(PARAMS, {"train.record_epochs": True})
+    tuned = load_params(PARAMS, {"tune.space.lr": [0.01, 0.001]})
+    assert (
+        len(
+            {
+                base,
+                run_key(recorded, "deeppcb", "data-v1", code="c1"),
+                run_key(tuned, "deeppcb", "data-v1", code="c1"),
+            }
+        )
+        == 3
+    )
+    packed = load_params(PARAMS, {"tune.space.lr": [0.01, 0.001], "tune.max_concurrent_trials": 4})
+    assert run_key(packed, "deeppcb", "data-v1", code="c1") == run_key(tuned, "deeppcb", "data-v1", code="c1")
+
+
+def test_a_tune_space_is_every_combination_and_needs_a_signal() -> None:
+    p = load_params(PARAMS, {"tune.space": {"lr": [0.01, 0.001], "epochs": [2, 4]}})
+    assert p.tune.trials() == [
+        {"lr": 0.01, "epochs": 2},
+        {"lr": 0.01, "epochs": 4},
+        {"lr": 0.001, "epochs": 2},
+        {"lr": 0.001, "epochs": 4},
+    ]
+    assert p.with_knobs({"lr": 0.001}).spec().params["lr"] == 0.001 and p.method_params()["lr"] != 0.001
+    check_method(p)  # every trial builds
+    topology = load_params(PARAMS, {"method": "topology", "tune.space": {"lr": [1e-5, 1e-4]}})
+    with pytest.raises(ParamsError, match=r"tune\.metric: topology keeps its last epoch"):
+        check_method(topology)
+    check_method(topology.model_copy(update={"tune": topology.tune.model_copy(update={"metric": "val_ce"})}))
 
 
 def test_a_method_revision_enters_that_methods_run_keys_only(monkeypatch) -> None:

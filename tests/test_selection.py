@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from components.selection import regret_table, selection_record
+from components.selection import choose_trial, regret_table, selection_record, trial_signal
 
 HISTORY = [{"epoch": 1, "val_auroc": 0.70}, {"epoch": 2, "val_auroc": 0.74}, {"epoch": 3, "val_auroc": 0.72}]
 
@@ -61,3 +61,24 @@ def test_the_table_groups_runs() -> None:
     assert table["panda"]["runs"] == 2 and table["panda"]["mean_regret"] == pytest.approx(0.01)
     assert table["panda"]["kept_epoch_0"] == 1 and table["panda"]["kept_best"] == 1
     assert table["gaussian_ft"]["max_regret"] == pytest.approx(0.1)
+
+
+def _summary(**kw) -> dict:
+    base = {"selection_signal": "val_auroc", "kept_epoch": 2, "epochs": 3, "pretrained_signal": 0.6}
+    return base | {"history": HISTORY} | kw
+
+
+def test_a_trial_is_compared_on_its_signal_at_the_kept_epoch() -> None:
+    assert trial_signal(_summary()) == 0.74
+    assert trial_signal(_summary(kept_epoch=0)) == 0.6  # the pretrained weights were kept
+    assert trial_signal(_summary(kept_epoch=0), "loss") is None  # measured on epochs only
+    assert trial_signal(_summary(collapsed={"epoch": 2, "reason": "rank"})) is None
+    with pytest.raises(ValueError, match=r"tune\.metric"):
+        trial_signal(_summary(selection_signal=None))
+
+
+def test_the_best_signal_is_chosen_and_unmeasured_trials_never() -> None:
+    assert choose_trial([0.7, None, 0.9, 0.9]) == 2  # ties: the first
+    assert choose_trial([0.7, 0.5], "min") == 1
+    with pytest.raises(ValueError, match="no trial"):
+        choose_trial([None, None])

@@ -36,12 +36,12 @@ def gather(folders: list[Path]) -> list[dict]:
 
 def markdown(records: list[dict]) -> str:
     lines = [
-        "| data | category | method | signal | epochs | kept | best | kept AUROC | best AUROC | regret |",
+        "| data | category | method | signal | last epoch | kept | best | kept AUROC | best AUROC | regret |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(records, key=lambda r: (r["method"], r["dataset"], r["category"])):
         lines.append(
-            f"| {r['dataset']} | {r['category']} | {r['method']} | {r['signal']} | {len(r['epochs'])} "
+            f"| {r['dataset']} | {r['category']} | {r['method']} | {r['signal']} | {r['epochs'][-1]['epoch']} "
             f"| {r['kept_epoch']} | {r['best_test_epoch']} | {r['kept_test_image_auroc']:.3f} "
             f"| {r['best_test_image_auroc']:.3f} | {r['regret']:.3f} |"
         )

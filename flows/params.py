@@ -497,6 +497,10 @@ SAME_RESULTS_AS: dict[str, str] = {
     # default: kolektorsdd's dn2 and PaDiM evidence jobs (every output file but the timings) and a PANDA
     # and a gaussian_ft training job (weights and histories) re-ran byte-identical under it
     "code-1c7d1ffb090913ca": "code-b469b7027ce0bae9",
+    # the tune trial choice (components/selection.py trial_signal, choose_trial; called by flows/tune.py
+    # only): kolektorsdd's dn2 and PaDiM evidence jobs and a PANDA and a gaussian_ft training job re-ran
+    # byte-identical under it
+    "code-cad96057468c3886": "code-b469b7027ce0bae9",
 }
 
 # topology 1: the official code's split cosine classifier and anchor rehearsal (issue 19)

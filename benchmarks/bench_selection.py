@@ -41,7 +41,8 @@ def markdown(records: list[dict]) -> str:
     ]
     for r in sorted(records, key=lambda r: (r["method"], r["dataset"], r["category"])):
         lines.append(
-            f"| {r['dataset']} | {r['category']} | {r['method']} | {r['signal']} | {r['epochs'][-1]['epoch']} "
+            f"| {r['dataset']} | {r['category']} | {r['method']} | {r['signal']} "
+            f"| {r['epochs'][-1]['epoch']} "
             f"| {r['kept_epoch']} | {r['best_test_epoch']} | {r['kept_test_image_auroc']:.3f} "
             f"| {r['best_test_image_auroc']:.3f} | {r['regret']:.3f} |"
         )

@@ -2,11 +2,15 @@
 
 Every combination of ``tune.space`` (knobs of the method) is one Tune trial; a trial runs the ordinary
 Ray Train job (flows/train.py) with those knobs, on the same cluster, under its own run key, so a finished
-trial is reused and a trial whose process or node dies is retried by Tune (``tune.max_failures``) and
-resumes from its last checkpoint. Trials are packed as the cluster's resources allow (each asks for its DDP
-ranks; ``tune.max_concurrent_trials`` at once). The trial whose validation signal at its kept epoch is
-best (components/selection.py: held-out normal images and synthetic anomalies, never the test split) is
-copied to the job's output with the list of trials and the choice in its summary; only it is evaluated and
+trial is reused and a trial that loses a DDP rank or a node resumes from its last checkpoint
+(``train.max_failures``). Tune retries a trial whose driver process dies (``tune.max_failures``, default
+0) only usefully on a cluster with the Ray dashboard: Ray Train frees a dead run's placement group through
+the state API, which the dashboard serves; without it the retry waits forever for the CPUs.
+
+Trials are packed as the cluster's resources allow (each asks for its DDP ranks;
+``tune.max_concurrent_trials`` at once). The trial whose validation signal at its kept epoch is best
+(components/selection.py: held-out normal images and synthetic anomalies, never the test split) is copied
+to the job's output with the list of trials and the choice in its summary; only it is evaluated and
 registered downstream.
 """
 

@@ -45,16 +45,20 @@ def job(tmp_path: Path, train_samples, key: str, epochs: int) -> TrainJob:
     )
 
 
-def _train_workers() -> list[psutil.Process]:
-    procs = psutil.Process(os.getpid()).children(recursive=True)
+def _ray_processes(name: str) -> list[psutil.Process]:
+    """This test process's Ray processes whose command line names ``name`` (an actor class)."""
     out = []
-    for p in procs:
+    for p in psutil.Process(os.getpid()).children(recursive=True):
         try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
+            if name in " ".join(p.cmdline()):
                 out.append(p)
         except psutil.Error:
             pass
     return out
+
+
+def _train_workers() -> list[psutil.Process]:
+    return _ray_processes("RayTrainWorker")
 
 
 def test_two_ddp_workers_train_checkpoint_and_reuse(ray_cluster, kolektor_train, tmp_path) -> None:

@@ -503,6 +503,25 @@ def _train(job: GridJob, variant: Params, samples: list[Sample], dataset_train: 
     return {}
 
 
+def _decision_pending(variant: Params, run_key: str) -> bool:
+    """Whether the job's thresholds are still to compute (a Ray task, :func:`_decide`): a finished run with
+    its model (not an archived one) and its trained weights, not collapsed, without a decision under the
+    current ``decision`` params."""
+    folder = decision_folder(variant, run_key)
+    run_dir = folder.parent / "evaluation"
+    record = read_run(run_dir)
+    if read_decision(folder) is not None or record is None or record.get("collapsed"):
+        return False
+    if not (run_dir / "method" / "spec.json").is_file():
+        return False
+    return not _training(run_dir).get("directory") or Path(_training(run_dir)["directory"]).is_dir()
+
+
+def _training(run_dir: Path) -> dict:
+    """The run folder's training summary (train.json; empty for a frozen method)."""
+    return json.loads((run_dir / "train.json").read_text()) if (run_dir / "train.json").is_file() else {}
+
+
 def _check_files(samples: list[Sample]) -> None:
     """Every image and mask file the manifest named is still there (before a worker is started for it)."""
     from components.data import DataError
@@ -527,18 +546,15 @@ def _evaluate(
 
 
 def _decide(
-    job: GridJob, variant: Params, data_version: str, samples: list[Sample], record: dict, cpus: int | None
+    job: GridJob, variant: Params, data_version: str, samples: list[Sample], cpus: int | None
 ) -> dict | None:
     """The job's thresholds (flows/decide.py) as a Ray task, reused from its decision folder; None for a
     collapsed run and for a run folder without its model (an archived one: restored evidence)."""
     folder = decision_folder(variant, job.run_key)
-    done = read_decision(folder)
+    if not _decision_pending(variant, job.run_key):
+        return read_decision(folder)  # None: collapsed, archived or its trained weights gone
     run_dir = folder.parent / "evaluation"
-    if done is not None or record.get("collapsed") or not (run_dir / "method" / "spec.json").is_file():
-        return done
-    training = json.loads((run_dir / "train.json").read_text()) if (run_dir / "train.json").is_file() else {}
-    if training.get("directory") and not Path(training["directory"]).is_dir():
-        return None  # the trained weights are gone
+    training = _training(run_dir)
     variant = tuned(variant, training)
     category_job = make_category_job(variant, job.category, job.run_key, data_version, samples, training)
     t = variant.train
@@ -591,7 +607,7 @@ def job_task(
         training = _train(job, variant, samples, dataset_train)
         record = _evaluate(job, tuned(variant, training), data_version, samples, training, cpus)
         get_run_logger().info("%s: done in %.1f s", job.label, time.perf_counter() - t0)
-    decision = _decide(job, variant, data_version, samples, record, cpus)
+    decision = _decide(job, variant, data_version, samples, cpus)
     experiment, parent, grid_key = mlflow_run
     mlflow_id, logged = log_job(experiment, parent, grid_key, job, variant, run_dir)
     return {
@@ -636,7 +652,7 @@ def grid(
         "grid %s: %d jobs, %d done, %d to run", plan.grid_key, len(plan.jobs), len(plan.jobs) - len(pending),
         len(pending),
     )  # fmt: skip
-    if pending:
+    if pending or any(_decision_pending(plan.variants[j.variant], j.run_key) for j in plan.jobs):
         _start_ray()
     experiment, parent, parent_status = parent_run(plan, uri)
     run_job = job_task.with_options(

@@ -362,6 +362,33 @@ def test_sigkill_of_the_grid_leaves_none_of_its_processes(setup) -> None:
     )
 
 
+def test_a_finished_grid_computes_the_decisions_a_new_rule_needs(setup, steps) -> None:
+    """Every job done, but the decision params changed: the thresholds are Ray tasks, so the grid starts
+    Ray for them (it used to start none and fail: "Ray has not been started") and recomputes no job."""
+    home, path, env = setup
+    runs = home / "jobs"
+    before = {p: p.stat().st_mtime_ns for p in runs.glob("*/evaluation/metrics.json")}
+    out = home / "redecided"
+    overrides = {"decision.false_alarm_rate": 0.6, "grid.output": out}  # 0.5 in the steps; 2 held out
+    overrides |= {"grid.metrics_file": out / "grid.json", "grid.plots_dir": out / "plots"}
+    cmd = ["adaptad", "grid", "--params", str(path)]
+    cmd += [arg for k, v in overrides.items() for arg in ("-S", f"{k}={v}")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    base = {(c, m) for c in ("kolektorsdd", "magnetic_tile") for m in ("padim", "patchcore")}
+    board = pq.read_table(out / "leaderboard.parquet").to_pylist()
+    assert {(r["category"], r["method"]) for r in board} == base
+    jobs = [p.parent.parent for p in before if json.loads(p.read_text())["dataset"] == "two"]
+    jobs = [
+        j
+        for j in jobs
+        if json.loads((j / "evaluation" / "metrics.json").read_text())["method"] in ("padim", "patchcore")
+    ]
+    assert len(jobs) == 4 and all(len(list(j.glob("decision-*/decision.json"))) == 2 for j in jobs)
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # no evaluation recomputed
+
+
 def test_a_grid_started_beside_another_copy_of_the_code_stops_before_any_job(setup, tmp_path) -> None:
     """Ray puts the working directory first on its workers' path: started in a folder that holds another
     components/ (an older clone), the workers would run that code under this code's run keys. Refused."""

@@ -136,6 +136,7 @@ def test_recorded_epochs_give_the_selection_regret(
         kolektor_train,
         test,
         batch_size=4,
+        loader_workers=0,  # no forked loader workers in a process that holds a Ray driver (as in a Ray task)
         trained=result.directory,
         training=s,
     )

@@ -503,23 +503,23 @@ def _train(job: GridJob, variant: Params, samples: list[Sample], dataset_train: 
     return {}
 
 
-def _decision_pending(variant: Params, run_key: str) -> bool:
-    """Whether the job's thresholds are still to compute (a Ray task, :func:`_decide`): a finished run with
-    its model (not an archived one) and its trained weights, not collapsed, without a decision under the
-    current ``decision`` params."""
+def _pending_decision(variant: Params, run_key: str) -> dict | None:
+    """The training summary (train.json; ``{}`` for a frozen method) of a job whose thresholds are still to
+    compute (a Ray task, :func:`_decide`): a finished run with its model (not an archived one) and its
+    trained weights, not collapsed, without a decision under the current ``decision`` params. None when
+    there is nothing to compute."""
     folder = decision_folder(variant, run_key)
     run_dir = folder.parent / "evaluation"
     record = read_run(run_dir)
     if read_decision(folder) is not None or record is None or record.get("collapsed"):
-        return False
+        return None
     if not (run_dir / "method" / "spec.json").is_file():
-        return False
-    return not _training(run_dir).get("directory") or Path(_training(run_dir)["directory"]).is_dir()
-
-
-def _training(run_dir: Path) -> dict:
-    """The run folder's training summary (train.json; empty for a frozen method)."""
-    return json.loads((run_dir / "train.json").read_text()) if (run_dir / "train.json").is_file() else {}
+        return None
+    train = run_dir / "train.json"
+    training = json.loads(train.read_text()) if train.is_file() else {}
+    if training.get("directory") and not Path(training["directory"]).is_dir():
+        return None
+    return training
 
 
 def _check_files(samples: list[Sample]) -> None:
@@ -551,10 +551,10 @@ def _decide(
     """The job's thresholds (flows/decide.py) as a Ray task, reused from its decision folder; None for a
     collapsed run and for a run folder without its model (an archived one: restored evidence)."""
     folder = decision_folder(variant, job.run_key)
-    if not _decision_pending(variant, job.run_key):
+    training = _pending_decision(variant, job.run_key)
+    if training is None:
         return read_decision(folder)  # None: collapsed, archived or its trained weights gone
     run_dir = folder.parent / "evaluation"
-    training = _training(run_dir)
     variant = tuned(variant, training)
     category_job = make_category_job(variant, job.category, job.run_key, data_version, samples, training)
     t = variant.train
@@ -652,7 +652,7 @@ def grid(
         "grid %s: %d jobs, %d done, %d to run", plan.grid_key, len(plan.jobs), len(plan.jobs) - len(pending),
         len(pending),
     )  # fmt: skip
-    if pending or any(_decision_pending(plan.variants[j.variant], j.run_key) for j in plan.jobs):
+    if pending or any(_pending_decision(plan.variants[j.variant], j.run_key) is not None for j in plan.jobs):
         _start_ray()
     experiment, parent, parent_status = parent_run(plan, uri)
     run_job = job_task.with_options(

@@ -2,16 +2,24 @@
 Fashion-MNIST's one-class protocol (all 10 classes, the whole test set, 64 px), one seed, through the
 real `adaptad grid` (Prefect + local Ray + MLflow).
 
-Usage: .venv/bin/python benchmarks/grid_evidence.py [--out DIR] [--only industrial|fashion_mnist]
-       [--methods ...] [--dry-run] [--archive-only]
+Usage: .venv/bin/python benchmarks/grid_evidence.py [--out DIR] [--data DIR]
+       [--only industrial|fashion_mnist] [--methods ...] [--dry-run] [--archive-only]
 
 Writes ``<out>/params_<name>.yaml`` once (the repo's params.yaml + the evidence settings below; reused
-afterwards, so the run keys stay put), the manifests,
+afterwards, so the run keys stay put). The files name no folder of one machine: ``${EVIDENCE_OUT}`` is
+``--out`` and ``${SHARED_DATA}`` is ``--data`` (the folder holding ``industrial/``, default
+``../shared/data`` beside the repo); the script sets both for the grid, and a study that runs one of
+the archived files directly sets them itself (``benchmarks/evidence/*/README.md``). It also writes the
+manifests,
 and one leaderboard per part under ``<out>/<name>/`` (leaderboard.md / .parquet, jobs.parquet); both parts
 share the run folders ``<out>/jobs`` and the MLflow store ``<out>/mlflow.db``. A job is reused by its run
 key, whose code version is the content of the result code (flows/params.py ``code_version``): stopping
 and re-running continues where it stopped, across commits that do not touch components/, flows/train.py
-or flows/evaluate.py. Every job's own seconds are in jobs.parquet; the script prints the wall time of
+or flows/evaluate.py. PANDA-OE's outlier folder enters the key by content, wherever it lies; the data
+version, though, hashes each image's path as the manifest holds it (``--data``/industrial/…) beside its
+bytes, so a machine whose data folder lies at another path than the archive's (``/work/shared/data``)
+re-runs the industrial jobs under its own keys (Fashion-MNIST's Debian path is the same everywhere).
+Every job's own seconds are in jobs.parquet; the script prints the wall time of
 each part of this invocation.
 
 The grid takes longer than one working session on a 2-core CPU, and a session's machine does not keep
@@ -58,7 +66,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = REPO / "benchmarks" / "evidence"
-INDUSTRIAL = REPO.parent / "shared" / "data" / "industrial"
+# the params files name the machine's folders through these environment variables (flows/params.py
+# expands ``${NAME}``), so the archived files serve any clone; main() sets them from --out and --data
+OUT_VARIABLE, DATA_VARIABLE = "EVIDENCE_OUT", "SHARED_DATA"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 CATEGORIES = ["deeppcb", "kolektorsdd", "magnetic_tile"]
 METHODS = [
@@ -90,40 +100,46 @@ def industrial_outliers(folder: Path) -> Path:
     if not folder.is_dir():
         tmp = folder.with_name(folder.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
+        industrial = Path(os.environ[DATA_VARIABLE]) / "industrial"
         for category in CATEGORIES:
-            for image in sorted((INDUSTRIAL / category / "train" / "good").iterdir()):
+            for image in sorted((industrial / category / "train" / "good").iterdir()):
                 (tmp / f"{category}_{image.name}").symlink_to(image.resolve())
         tmp.rename(folder)
     return folder
 
 
+OUTLIERS = {"fashion_mnist": "oe_industrial", "industrial": "oe_fashion_mnist"}
+
+
 def outliers(out: Path, name: str) -> Path:
-    """PANDA-OE's outlier folder of part ``name``: the other domain (module docstring), made if missing."""
+    """PANDA-OE's outlier folder of part ``name``: the other domain (module docstring), made if missing.
+    The run key holds its content hash, not its path (flows/params.py ``input_digest``)."""
     if name == "fashion_mnist":
-        return industrial_outliers(out / "oe_industrial")
-    return fashion_outliers(out / "oe_fashion_mnist")
+        return industrial_outliers(out / OUTLIERS[name])
+    return fashion_outliers(out / OUTLIERS[name])
 
 
 def write_params(out: Path, name: str, methods: list[str], fresh: bool = False) -> Path:
     """``<out>/params_<name>.yaml``, written once: later invocations reuse it (only ``grid.methods``
     follows ``--methods``), so a changed params.yaml default never changes the evidence's run keys."""
     path = out / f"params_{name}.yaml"
+    outliers(out, name)  # not archived: rebuilt (deterministically) on a new machine
     if path.is_file() and not fresh:
         params = yaml.safe_load(path.read_text())
         params["grid"]["methods"] = methods
         path.write_text(yaml.safe_dump(params, sort_keys=False))
-        outliers(out, name)  # not archived: rebuilt (deterministically) on a new machine
         return path
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    here, data = "${" + OUT_VARIABLE + "}", "${" + DATA_VARIABLE + "}"
     params["datasets"] |= {
-        "industrial": {"root": str(INDUSTRIAL), "categories": CATEGORIES},
+        "industrial": {"root": f"{data}/industrial", "categories": CATEGORIES},
         "fashion_mnist": {"layout": "fashion_mnist", "root": str(FASHION)},
     }
     params["dataset"] = name
     params["image_size"] = PARTS[name]
-    params["manifests_dir"] = str(out / "manifests")
+    params["manifests_dir"] = f"{here}/manifests"
     params["train"] |= {"num_workers": 2, "cpus_per_worker": 1}
-    params["methods"]["panda_oe"]["outliers"] = str(outliers(out, name))
+    params["methods"]["panda_oe"]["outliers"] = f"{here}/{OUTLIERS[name]}"
     params["grid"].update(
         datasets=[name],
         categories={},
@@ -133,14 +149,14 @@ def write_params(out: Path, name: str, methods: list[str], fresh: bool = False) 
         seeds=[0],
         concurrency=1,
         cpus_per_job=2,
-        runs_dir=str(out / "jobs"),
-        output=str(out / name),
-        metrics_file=str(out / name / "grid.json"),
-        plots_dir=str(out / name / "plots"),
+        runs_dir=f"{here}/jobs",
+        output=f"{here}/{name}",
+        metrics_file=f"{here}/{name}/grid.json",
+        plots_dir=f"{here}/{name}/plots",
     )
     params["mlflow"] |= {
-        "tracking_uri": f"sqlite:///{(out / 'mlflow.db').resolve()}",
-        "artifact_root": str((out / "mlartifacts").resolve()),
+        "tracking_uri": f"sqlite:///{here}/mlflow.db",
+        "artifact_root": f"{here}/mlartifacts",
     }
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -157,13 +173,6 @@ def _copy_atomic(source: Path, target: Path, ignore=None) -> None:
         replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def archived_out(store: Path) -> Path | None:
-    """The ``--out`` the archived params files were written for (their ``grid.runs_dir``'s parent)."""
-    for path in sorted(store.glob("params_*.yaml")):
-        return Path(yaml.safe_load(path.read_text())["grid"]["runs_dir"]).parent
-    return None
 
 
 def restore(out: Path, store: Path) -> int:
@@ -262,7 +271,18 @@ def run_stoppable(command: list[str]) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, help="default: where the archived evidence ran, else runs/evidence")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=os.environ.get(OUT_VARIABLE, REPO / "runs" / "evidence"),
+        help=f"where the grid runs (default: ${OUT_VARIABLE}, else %(default)s)",
+    )
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=os.environ.get(DATA_VARIABLE, REPO.parent / "shared" / "data"),
+        help=f"the folder holding industrial/ (default: ${DATA_VARIABLE}, else %(default)s)",
+    )
     ap.add_argument("--only", choices=list(PARTS), action="append")
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--dry-run", action="store_true")
@@ -270,14 +290,10 @@ def main() -> int:
     ap.add_argument("--archive", type=Path, default=ARCHIVE, help="the archive (default: %(default)s)")
     ap.add_argument("--archive-only", action="store_true", help="archive --out, run nothing")
     args = ap.parse_args()
-    store = args.archive.resolve()
-    archived = archived_out(store)
-    out = (args.out or archived or REPO / "runs" / "evidence").resolve()
-    if archived and out != archived and not args.fresh_params:
-        ap.error(
-            f"--out {out}: the archived evidence ({store}) ran in {archived} and its run keys name files "
-            f"there (PANDA-OE's outliers); use --out {archived}, or --fresh-params to start a new grid"
-        )
+    store, out = args.archive.resolve(), args.out.resolve()
+    if not (args.data / "industrial").is_dir():
+        ap.error(f"--data {args.data}: no industrial/ folder there (set --data or ${DATA_VARIABLE})")
+    os.environ[OUT_VARIABLE], os.environ[DATA_VARIABLE] = str(out), str(args.data)  # the params' ${...}
     out.mkdir(parents=True, exist_ok=True)
     store.mkdir(parents=True, exist_ok=True)
     print(f"[evidence] {restore(out, store)} finished jobs restored from {store}", flush=True)

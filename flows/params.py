@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -371,6 +372,27 @@ def _knobs(name: str, attempts: int = 3) -> set[str]:
     return set(method_knobs(name))
 
 
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_environment(node: Any, path: Path, where: str = "") -> Any:
+    """``${NAME}`` in a string value is the environment variable NAME (e.g. a data folder that lies
+    elsewhere on each machine); an unset one is a ParamsError naming the key."""
+    if isinstance(node, dict):
+        return {k: _expand_environment(v, path, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_environment(v, path, f"{where}[{i}]") for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def value(match: re.Match[str]) -> str:
+        if match[1] not in os.environ:
+            raise ParamsError(f"{path}: {where}: {match[0]}: the environment variable {match[1]} is not set")
+        return os.environ[match[1]]
+
+    return _VARIABLE.sub(value, node)
+
+
 def load_params(path: str | os.PathLike = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate ``path``; ``overrides`` maps dotted keys to values. Raises ParamsError."""
     path = Path(path)
@@ -388,6 +410,7 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS, overrides: dict[str, A
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    raw = _expand_environment(raw, path)
     try:
         params = Params.model_validate(raw)
     except ValidationError as err:
@@ -545,10 +568,34 @@ def git_commit() -> str:
         return "unknown"
 
 
+def input_digest(path: str | os.PathLike) -> str:
+    """Content hash of an input a method knob names (PATH_KNOBS): a file's bytes, or a folder's files
+    (names relative to it, links followed, sorted) and their bytes. The run key holds this, not the path,
+    so a run is reused wherever the same input lies and re-run when the input's content changes."""
+    where = Path(path)
+    files = [where] if where.is_file() else sorted(f for f in where.rglob("*") if f.is_file())
+    h = hashlib.sha256()
+    for file in files:
+        name = file.name if file == where else file.relative_to(where).as_posix()
+        h.update(name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def _keyed_spec(params: Params) -> dict[str, Any]:
+    """The method spec as the run key sees it: path knobs replaced by their input's content hash (a path
+    that does not exist stays as written; the checks refuse such a run before it starts)."""
+    spec = params.spec().to_json()
+    for knob in PATH_KNOBS:
+        value = spec["params"].get(knob)
+        if value not in (None, "", "estimate") and Path(value).exists():
+            spec["params"][knob] = input_digest(value)
+    return spec
+
+
 def run_key(params: Params, category: str, data_version: str, code: str | None = None) -> str:
     """Hash of (data version, category, method, resolved params, code version) — DESIGN.md's run key."""
     resolved = {
-        "spec": params.spec().to_json(),
+        "spec": _keyed_spec(params),
         "seed": params.seed,
         "train": params.train.model_dump(
             # record_epochs adds selection.json to a run: in the key only when on (old keys stay valid)

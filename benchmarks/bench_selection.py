@@ -6,8 +6,14 @@ training, never seen by it — the test image AUROC of that epoch's weights. Thi
 run under the given folders and prints, per job and per method and data set: the kept epoch, the best
 epoch by test AUROC, the regret (best − kept test image AUROC) and how often epoch 0 was kept.
 
+Where runs of one (data set, category, method) differ only in method knobs (e.g. lr), ``--tune`` also
+replays the label-free search of flows/tune.py over them: each run is a trial, the trial with the best
+validation signal at its kept epoch is chosen (components/selection.py ``trial_signal``, ``choose_trial``,
+the functions Ray Tune's search uses), and the regret with tuning is the best test AUROC over every
+trial's epochs minus the chosen trial's kept one.
+
     .venv/bin/python benchmarks/bench_selection.py /work/evidence/runs/selection/jobs \
-        --out benchmarks/evidence/selection/regret.md
+        --out benchmarks/evidence/selection/regret.md [--tune]
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from components.selection import regret_table  # noqa: E402
+from components.selection import choose_trial, regret_table, trial_signal  # noqa: E402
 
 
 def gather(folders: list[Path]) -> list[dict]:
@@ -30,8 +36,70 @@ def gather(folders: list[Path]) -> list[dict]:
             identity = json.loads((path.parent / "metrics.json").read_text())
             record = json.loads(path.read_text())
             keys = ("dataset", "category", "method", "run_key")
-            records.append({k: identity[k] for k in keys} | record)
+            summary = json.loads((path.parent / "train.json").read_text())
+            extra = {"knobs": identity["spec"]["params"], "trial_signal": trial_signal(summary)}
+            records.append({k: identity[k] for k in keys} | record | extra)
     return records
+
+
+def replay_tune(records: list[dict]) -> list[dict]:
+    """Per (data set, category, method) with runs that differ in knobs: every run as a trial, the choice
+    of flows/tune.py, the regret of each trial alone and with tuning."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["category"], r["method"]), []).append(r)
+    out = []
+    for (dataset, category, method), rs in sorted(groups.items()):
+        if len(rs) < 2:
+            continue
+        varied = sorted(k for k in rs[0]["knobs"] if len({json.dumps(r["knobs"].get(k)) for r in rs}) > 1)
+        rs = sorted(rs, key=lambda r: json.dumps([r["knobs"].get(k) for k in varied]))
+        chosen = rs[choose_trial([r["trial_signal"] for r in rs])]
+        best = max(r["best_test_image_auroc"] for r in rs)
+        out.append(
+            {
+                "dataset": dataset,
+                "category": category,
+                "method": method,
+                "trials": [
+                    {
+                        "knobs": {k: r["knobs"].get(k) for k in varied},
+                        "signal": r["trial_signal"],
+                        "kept": r["kept_test_image_auroc"],
+                        "best": r["best_test_image_auroc"],
+                        "regret": r["regret"],
+                    }
+                    for r in rs
+                ],
+                "chosen": {k: chosen["knobs"].get(k) for k in varied},
+                "tuned_kept": chosen["kept_test_image_auroc"],
+                "tuned_best": best,
+                "tuned_regret": best - chosen["kept_test_image_auroc"],
+            }
+        )
+    return out
+
+
+def tune_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| data | category | method | trial (knobs) | signal at kept epoch "
+        "| kept AUROC | best AUROC | regret |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for t in row["trials"]:
+            knobs = ", ".join(f"{k} {v}" for k, v in t["knobs"].items())
+            mark = " (chosen)" if t["knobs"] == row["chosen"] else ""
+            signal = "—" if t["signal"] is None else f"{t['signal']:.4f}"
+            lines.append(
+                f"| {row['dataset']} | {row['category']} | {row['method']} | {knobs}{mark} | {signal} "
+                f"| {t['kept']:.3f} | {t['best']:.3f} | {t['regret']:.3f} |"
+            )
+        lines.append(
+            f"| {row['dataset']} | {row['category']} | {row['method']} | **tuned** | | "
+            f"**{row['tuned_kept']:.3f}** | {row['tuned_best']:.3f} | **{row['tuned_regret']:.3f}** |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def markdown(records: list[dict]) -> str:
@@ -65,6 +133,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="run folders to search for selection.json")
     parser.add_argument("--out", type=Path, help="also write the markdown tables here")
+    parser.add_argument(
+        "--tune", action="store_true", help="replay the tune search over runs that differ in knobs"
+    )
     args = parser.parse_args()
     records = gather(args.folders)
     if not records:
@@ -73,6 +144,8 @@ def main() -> None:
             "train.record_epochs: true"
         )
     text = markdown(records)
+    if args.tune:
+        text += "\n" + tune_markdown(replay_tune(records))
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -149,11 +149,10 @@ class Tune(Strict):
     mode: Literal["max", "min"] = "max"
     max_concurrent_trials: int = Field(1, ge=1, description="trials at once (each one a DDP training job)")
     max_failures: int = Field(
-        0,
+        1,
         ge=0,
         description="Tune's retries of a trial whose driver process dies (a lost DDP rank or node is "
-        "train.max_failures' job); needs the Ray dashboard: without it the dead run's placement group "
-        "is never released and the retry waits for it",
+        "train.max_failures' job); the retry resumes the trial's Train run from its last checkpoint",
     )
 
     @field_validator("space")

@@ -3,9 +3,11 @@
 Every combination of ``tune.space`` (knobs of the method) is one Tune trial; a trial runs the ordinary
 Ray Train job (flows/train.py) with those knobs, on the same cluster, under its own run key, so a finished
 trial is reused and a trial that loses a DDP rank or a node resumes from its last checkpoint
-(``train.max_failures``). Tune retries a trial whose driver process dies (``tune.max_failures``, default
-0) only usefully on a cluster with the Ray dashboard: Ray Train frees a dead run's placement group through
-the state API, which the dashboard serves; without it the retry waits forever for the CPUs.
+(``train.max_failures``). Tune retries a trial whose driver process dies (``tune.max_failures``): the
+dead driver's Train run leaves its placement group holding the run's CPUs (Ray keeps a group whose creating
+actor died while the job lives on, and Ray Train's own cleaner asks the state API, which needs the Ray
+dashboard that adaptad's local cluster does not start), so each trial frees such orphaned groups while it
+runs (:func:`free_orphaned_placement_groups`) and the retry gets its CPUs.
 
 Trials are packed as the cluster's resources allow (each asks for its DDP ranks;
 ``tune.max_concurrent_trials`` at once). The trial whose validation signal at its kept epoch is best
@@ -16,11 +18,13 @@ registered downstream.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +54,51 @@ def trial_jobs(job: TrainJob, tune: Tune) -> list[tuple[dict[str, Any], TrainJob
     return out
 
 
+def free_orphaned_placement_groups() -> int:
+    """Remove the placement groups whose creating actor is dead (not detached, still placed or pending);
+    returns how many. Ray frees such a group only when its job ends too, so a Train run whose controller
+    died with its Tune trial's driver would hold its CPUs for the rest of the job. A group created by a
+    driver (Tune's trial groups) has no creating actor and is never touched. Reads the GCS placement
+    group table through Ray's private accessor, as ``ray.util.placement_group_table`` does, because the
+    public view leaves the creator out."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    live = {gcs_pb2.PlacementGroupTableData.CREATED, gcs_pb2.PlacementGroupTableData.PENDING}
+    live.add(gcs_pb2.PlacementGroupTableData.RESCHEDULING)
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        creator = group.creator_actor_id  # empty or nil (all 0xff): created by a driver
+        by_actor = len(creator) == ray.ActorID.size() and not ray.ActorID(creator).is_nil()
+        if by_actor and group.creator_actor_dead and not group.is_detached and group.state in live:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+            removed += 1
+    return removed
+
+
+def _free_orphans_until(done: threading.Event, every: float = 2.0) -> None:
+    """Free orphaned placement groups every ``every`` seconds until ``done`` (a trial's watcher thread: a
+    retry's Train run waits for the CPUs that its dead predecessor's group may still hold)."""
+    while not done.wait(every):
+        with contextlib.suppress(Exception):  # a failed sweep is tried again; the trial is what matters
+            free_orphaned_placement_groups()
+
+
 def _run_trial(config: dict[str, Any], trials: list[dict[str, Any]]) -> None:
     """A Tune trial (in a Ray process): train job ``config["trial"]``, report its validation signal."""
     import ray.tune
 
     trial = trials[config["trial"]]
     job, output, metric = trial["job"], Path(trial["output"]), trial["metric"]
-    summary = train(job, output).summary
+    done = threading.Event()
+    threading.Thread(target=_free_orphans_until, args=(done,), daemon=True).start()
+    try:
+        summary = train(job, output).summary
+    finally:
+        done.set()
     signal = trial_signal(summary, metric)
     ray.tune.report({"signal": float("nan") if signal is None else signal, "epochs": summary["epochs"]})
 

@@ -101,6 +101,40 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, kolektor_
     assert [row["epoch"] for row in s["history"]] == [1, 2, 3, 4]  # no epoch lost or repeated
 
 
+def test_a_tune_trial_whose_driver_dies_is_retried_and_resumes(ray_cluster, kolektor_train, tmp_path) -> None:
+    """Tune retries a trial whose driver process (ImplicitFunc) is killed. The dead Train run's placement
+    group holds both CPUs of this cluster (no dashboard, as adaptad starts it); the trial's sweep frees it,
+    and the retry resumes the Train run from its checkpoint: no epoch lost or repeated."""
+    import ray
+
+    from flows.params import Tune
+    from flows.tune import free_orphaned_placement_groups, trial_jobs, tune_and_train
+
+    base = job(tmp_path, kolektor_train, "tuned", 4)
+    tune = Tune(space={"lr": [0.01]}, max_failures=1)
+    ((_, trial),) = trial_jobs(base, tune)
+    holder: dict = {}
+    t = threading.Thread(
+        target=lambda: holder.update(result=tune_and_train(base, tune, tmp_path / "job" / "trained")),
+        daemon=True,
+    )
+    t.start()
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "ray" / trial.run_key / "checkpoint_manager_snapshot.json").is_file():
+        assert time.monotonic() < deadline and t.is_alive(), "no checkpoint appeared"
+        time.sleep(0.2)
+    drivers = _ray_processes("ImplicitFunc")
+    assert len(drivers) == 1, "expected one Tune trial driver"
+    drivers[0].send_signal(signal.SIGKILL)
+    t.join(timeout=400)
+    assert not t.is_alive(), "the retried trial did not finish (its CPUs were never freed?)"
+    s = holder["result"].summary
+    assert s["epochs"] == 4 and [row["epoch"] for row in s["history"]] == [1, 2, 3, 4]
+    assert s["tune"]["chosen"] == 0 and s["tune"]["trials"][0]["run_key"] == trial.run_key
+    assert free_orphaned_placement_groups() == 0  # nothing left behind
+    assert ray.available_resources().get("CPU") == 2
+
+
 def test_recorded_epochs_give_the_selection_regret(
     ray_cluster, kolektor_train, industrial_root, tmp_path
 ) -> None:

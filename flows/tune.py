@@ -55,12 +55,12 @@ def trial_jobs(job: TrainJob, tune: Tune) -> list[tuple[dict[str, Any], TrainJob
 
 
 def free_orphaned_placement_groups() -> int:
-    """Remove the placement groups whose creating actor is dead (not detached, still placed or pending);
-    returns how many. Ray frees such a group only when its job ends too, so a Train run whose controller
-    died with its Tune trial's driver would hold its CPUs for the rest of the job. A group created by a
-    driver (Tune's trial groups) has no creating actor and is never touched. Reads the GCS placement
-    group table through Ray's private accessor, as ``ray.util.placement_group_table`` does, because the
-    public view leaves the creator out."""
+    """Remove this Ray job's placement groups whose creating actor is dead (not detached, still placed or
+    pending); returns how many. Ray frees such a group only when its job ends too, so a Train run whose
+    controller died with its Tune trial's driver would hold its CPUs for the rest of the job. A group
+    created by a driver (Tune's trial groups) has no creating actor and is never touched. Reads the GCS
+    placement group table through Ray's private accessor, as ``ray.util.placement_group_table`` does,
+    because the public view leaves the creator out."""
     import ray
     from ray._private.state import state
     from ray.core.generated import gcs_pb2
@@ -68,12 +68,14 @@ def free_orphaned_placement_groups() -> int:
 
     live = {gcs_pb2.PlacementGroupTableData.CREATED, gcs_pb2.PlacementGroupTableData.PENDING}
     live.add(gcs_pb2.PlacementGroupTableData.RESCHEDULING)
+    job = bytes.fromhex(ray.get_runtime_context().get_job_id())
     removed = 0
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         group = gcs_pb2.PlacementGroupTableData.FromString(raw)
         creator = group.creator_actor_id  # empty or nil (all 0xff): created by a driver
         by_actor = len(creator) == ray.ActorID.size() and not ray.ActorID(creator).is_nil()
-        if by_actor and group.creator_actor_dead and not group.is_detached and group.state in live:
+        ours = group.creator_job_id == job  # this job's only: a shared cluster's other jobs are theirs
+        if ours and by_actor and group.creator_actor_dead and not group.is_detached and group.state in live:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
             removed += 1
     return removed

@@ -15,10 +15,11 @@ and one leaderboard per part under ``<out>/<name>/`` (leaderboard.md / .parquet,
 share the run folders ``<out>/jobs`` and the MLflow store ``<out>/mlflow.db``. A job is reused by its run
 key, whose code version is the content of the result code (flows/params.py ``code_version``): stopping
 and re-running continues where it stopped, across commits that do not touch components/, flows/train.py
-or flows/evaluate.py. PANDA-OE's outlier folder enters the key by content, wherever it lies; the data
-version, though, hashes each image's path as the manifest holds it (``--data``/industrial/…) beside its
-bytes, so a machine whose data folder lies at another path than the archive's (``/work/shared/data``)
-re-runs the industrial jobs under its own keys (Fashion-MNIST's Debian path is the same everywhere).
+or flows/evaluate.py. The key holds paths, though: the data version hashes each image's path as the
+manifest holds it (``--data``/industrial/…) beside its bytes, and PANDA-OE's key names its outlier folder
+(``--out``/oe_…). A machine whose folders lie elsewhere than the archive's (``--data /work/shared/data``,
+``--out /work/evidence/runs/evidence``) re-runs those jobs under keys of its own (the industrial part and
+PANDA-OE; Fashion-MNIST's Debian path is the same everywhere).
 Every job's own seconds are in jobs.parquet; the script prints the wall time of
 each part of this invocation.
 
@@ -112,8 +113,7 @@ OUTLIERS = {"fashion_mnist": "oe_industrial", "industrial": "oe_fashion_mnist"}
 
 
 def outliers(out: Path, name: str) -> Path:
-    """PANDA-OE's outlier folder of part ``name``: the other domain (module docstring), made if missing.
-    The run key holds its content hash, not its path (flows/params.py ``input_digest``)."""
+    """PANDA-OE's outlier folder of part ``name``: the other domain (module docstring), made if missing."""
     if name == "fashion_mnist":
         return industrial_outliers(out / OUTLIERS[name])
     return fashion_outliers(out / OUTLIERS[name])
@@ -190,12 +190,13 @@ def restore(out: Path, store: Path) -> int:
     return restored
 
 
-def plan_of(params: Path):
-    """The part's grid plan (flows.grid.expand: every job and its run key), without the method checks."""
+def plan_of(params: Path, methods: list[str] | None = None):
+    """The part's grid plan (flows.grid.expand: every job and its run key), without the method checks;
+    ``methods`` replaces the file's ``grid.methods``."""
     from flows.grid import expand
     from flows.params import load_params
 
-    return expand(load_params(params), params, check=False)
+    return expand(load_params(params, {"grid.methods": methods} if methods else None), params, check=False)
 
 
 def done_jobs(plan) -> list:
@@ -206,8 +207,10 @@ def done_jobs(plan) -> list:
 
 def archive(out: Path, store: Path, name: str, params: Path, plan) -> int:
     """Archive the part's finished jobs (the plan's, without ``method/`` and PNGs) and its leaderboard;
-    drops archived jobs of this part the plan no longer has. Returns the number of finished jobs."""
-    keys = {job.run_key for job in plan.jobs}
+    drops archived jobs of this part that no method's plan has any more (a run key retired by a change of
+    the result code; not the jobs of methods left out by ``--methods``). Returns the number of finished
+    jobs."""
+    keys = {job.run_key for job in plan_of(params, METHODS).jobs}
     shutil.copy(params, store / params.name)
     for folder in store.glob("jobs/*"):
         metrics = folder / "evaluation" / "metrics.json"

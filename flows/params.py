@@ -567,34 +567,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def input_digest(path: str | os.PathLike) -> str:
-    """Content hash of an input a method knob names (PATH_KNOBS): a file's bytes, or a folder's files
-    (names relative to it, links followed, sorted) and their bytes. The run key holds this, not the path,
-    so a run is reused wherever the same input lies and re-run when the input's content changes."""
-    where = Path(path)
-    files = [where] if where.is_file() else sorted(f for f in where.rglob("*") if f.is_file())
-    h = hashlib.sha256()
-    for file in files:
-        name = file.name if file == where else file.relative_to(where).as_posix()
-        h.update(name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
-    return "sha256:" + h.hexdigest()[:16]
-
-
-def _keyed_spec(params: Params) -> dict[str, Any]:
-    """The method spec as the run key sees it: path knobs replaced by their input's content hash (a path
-    that does not exist stays as written; the checks refuse such a run before it starts)."""
-    spec = params.spec().to_json()
-    for knob in PATH_KNOBS:
-        value = spec["params"].get(knob)
-        if value not in (None, "", "estimate") and Path(value).exists():
-            spec["params"][knob] = input_digest(value)
-    return spec
-
-
 def run_key(params: Params, category: str, data_version: str, code: str | None = None) -> str:
     """Hash of (data version, category, method, resolved params, code version) — DESIGN.md's run key."""
     resolved = {
-        "spec": _keyed_spec(params),
+        "spec": params.spec().to_json(),
         "seed": params.seed,
         "train": params.train.model_dump(
             # record_epochs adds selection.json to a run: in the key only when on (old keys stay valid)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,7 +11,6 @@ from flows.params import (
     ParamsError,
     check_method,
     code_version,
-    input_digest,
     load_params,
     method_knobs,
     run_key,
@@ -146,31 +144,6 @@ def test_environment_variables_in_paths(monkeypatch) -> None:
         ParamsError, match=r"params\.yaml: datasets\.demo\.root: \$\{ADAPTAD_TEST_DATA\}: the "
     ):
         load_params(PARAMS, {"datasets.demo.root": "${ADAPTAD_TEST_DATA}/industrial"})
-
-
-def test_a_folder_knob_enters_the_run_key_by_content_not_by_path(tmp_path: Path) -> None:
-    """PANDA-OE's outliers: the same images anywhere give one key (a clone elsewhere reuses the runs);
-    a changed, added or renamed image gives another (no stale run is reused)."""
-    here, there = tmp_path / "here", tmp_path / "elsewhere" / "oe"
-    (here / "sub").mkdir(parents=True)
-    (here / "a.png").write_bytes(b"image a")
-    (here / "sub" / "b.png").write_bytes(b"image b")
-    shutil.copytree(here, there)
-
-    def key(folder: Path) -> str:
-        params = load_params(PARAMS, {"method": "panda_oe", "methods.panda_oe.outliers": str(folder)})
-        return run_key(params, "deeppcb", "data-v1", code="c1")
-
-    base = key(here)
-    assert key(there) == base and input_digest(here) == input_digest(there)
-    (there / "sub" / "b.png").write_bytes(b"image b, edited")
-    assert key(there) != base
-    (there / "sub" / "b.png").write_bytes(b"image b")
-    assert key(there) == base
-    (there / "sub" / "b.png").rename(there / "b.png")
-    assert key(there) != base
-    # a missing folder keeps its path in the key (check_method refuses the run before any key is used)
-    assert key(tmp_path / "missing") != base
 
 
 def test_a_tune_space_is_every_combination_and_needs_a_signal() -> None:

@@ -36,7 +36,8 @@ def gather(folders: list[Path]) -> list[dict]:
             identity = json.loads((path.parent / "metrics.json").read_text())
             record = json.loads(path.read_text())
             keys = ("dataset", "category", "method", "run_key")
-            summary = json.loads((path.parent / "train.json").read_text())
+            summary = json.loads((path.parent / "train.json").read_text())  # the run folder keeps the
+            summary["history"] = json.loads((path.parent / "history.json").read_text())  # history apart
             extra = {"knobs": identity["spec"]["params"], "trial_signal": trial_signal(summary)}
             records.append({k: identity[k] for k in keys} | record | extra)
     return records

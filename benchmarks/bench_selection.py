@@ -23,6 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from components.selection import choose_trial, regret_table, trial_signal  # noqa: E402
@@ -100,6 +102,24 @@ def tune_markdown(rows: list[dict]) -> str:
             f"| {row['dataset']} | {row['category']} | {row['method']} | **tuned** | | "
             f"**{row['tuned_kept']:.3f}** | {row['tuned_best']:.3f} | **{row['tuned_regret']:.3f}** |"
         )
+    lines += [
+        "",
+        "| method · data | sets | mean kept AUROC per trial | tuned: mean kept AUROC | mean regret |",
+    ]
+    lines.append("|---|---|---|---|---|")
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(f"{row['method']} · {row['dataset']}", []).append(row)
+    for name, rs in groups.items():
+        per_trial: dict[str, list[float]] = {}
+        for row in rs:
+            for t in row["trials"]:
+                label = ", ".join(f"{k} {v}" for k, v in t["knobs"].items())
+                per_trial.setdefault(label, []).append(t["kept"])
+        trials = "; ".join(f"{k}: {np.mean(v):.4f}" for k, v in per_trial.items())
+        mean = np.mean([row["tuned_kept"] for row in rs])
+        regret = np.mean([row["tuned_regret"] for row in rs])
+        lines.append(f"| {name} | {len(rs)} | {trials} | {mean:.4f} | {regret:.4f} |")
     return "\n".join(lines) + "\n"
 
 

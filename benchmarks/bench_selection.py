@@ -83,6 +83,10 @@ def replay_tune(records: list[dict]) -> list[dict]:
     return out
 
 
+def _label(knobs: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in knobs.items())
+
+
 def tune_markdown(rows: list[dict]) -> str:
     lines = [
         "| data | category | method | trial (knobs) | signal at kept epoch "
@@ -91,7 +95,7 @@ def tune_markdown(rows: list[dict]) -> str:
     ]
     for row in rows:
         for t in row["trials"]:
-            knobs = ", ".join(f"{k} {v}" for k, v in t["knobs"].items())
+            knobs = _label(t["knobs"])
             mark = " (chosen)" if t["knobs"] == row["chosen"] else ""
             signal = "—" if t["signal"] is None else f"{t['signal']:.4f}"
             lines.append(
@@ -114,8 +118,7 @@ def tune_markdown(rows: list[dict]) -> str:
         per_trial: dict[str, list[float]] = {}
         for row in rs:
             for t in row["trials"]:
-                label = ", ".join(f"{k} {v}" for k, v in t["knobs"].items())
-                per_trial.setdefault(label, []).append(t["kept"])
+                per_trial.setdefault(_label(t["knobs"]), []).append(t["kept"])
         trials = "; ".join(f"{k}: {np.mean(v):.4f}" for k, v in per_trial.items())
         mean = np.mean([row["tuned_kept"] for row in rs])
         regret = np.mean([row["tuned_regret"] for row in rs])

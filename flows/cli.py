@@ -187,6 +187,10 @@ def _embedded_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray: 2 s) and sees
+    # a run's end only then: 0.5 s takes 1-3 s off every training run. The driver passes it on to the
+    # controller and its workers (a local or a remote cluster alike).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if not os.environ.get("RAY_ADDRESS"):
         embedded_ray_token()
 

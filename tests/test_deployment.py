@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import repo_copy, service_env
+from tests.conftest import repo_copy, service_env, temporary_prefect
 from tests.test_services import free_ports
 
 OVERRIDES = {
@@ -23,7 +23,7 @@ OVERRIDES = {
 @pytest.fixture
 def services(tmp_path):
     repo = repo_copy(tmp_path / "repo")
-    env = service_env(tmp_path)
+    env = temporary_prefect(service_env(tmp_path))  # the services' own Prefect server, not the tests'
     prefect, mlflow_port, ray = free_ports(3)
     env.update(
         ADAPTAD_SERVICES_DIR=str(tmp_path / "svc"),

@@ -1,5 +1,6 @@
 """`dvc repro` end to end on the embedded demo in a fresh copy of the repo, with the real services:
-DVC → Prefect (ephemeral API) → Ray Train (2 CPU workers, DDP) → faiss banks → metrics → MLflow (sqlite)."""
+DVC → Prefect (a temporary API first, as a new user's; then the tests' server) → Ray Train (2 CPU workers,
+DDP) → faiss banks → metrics → MLflow (sqlite)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import repo_copy, service_env
+from tests.conftest import repo_copy, service_env, temporary_prefect
 
 
 def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -35,7 +36,7 @@ def repro(tmp_path_factory):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "commit", "-qam", "ci params"], cwd=repo, check=True)
     env = service_env(home)
-    first = run(["dvc", "repro"], repo, env)
+    first = run(["dvc", "repro"], repo, temporary_prefect(env))  # as a new user's: a temporary Prefect API
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     return repo, env, first
 

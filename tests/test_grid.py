@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from components.data import FASHION_MNIST_ROOT
-from tests.conftest import run_in_one_process, service_env, two_category_params
+from tests.conftest import run_in_one_process, service_env, temporary_prefect, two_category_params
 
 SIZE = 64
 KILL = "evaluate:two/kolektorsdd/padim/"  # the Ray task name of one job (its worker's process title)
@@ -284,6 +284,7 @@ def test_sigterm_stops_a_running_grid_and_every_service_it_started(setup, steps)
     import psutil
 
     home, path, env = setup
+    env = temporary_prefect(env)  # the grid's own Prefect API must end with it
     before = {p.pid for p in psutil.process_iter()}
     out = home / "stopped"
     overrides = {"grid.methods": "[dn2]", "grid.output": out, "grid.metrics_file": out / "grid.json"}
@@ -328,6 +329,7 @@ def test_sigkill_of_the_grid_leaves_none_of_its_processes(setup) -> None:
     import psutil
 
     home, path, env = setup
+    env = temporary_prefect(env)  # the reaper must end the grid's own Prefect API
     before = {p.pid for p in psutil.process_iter()}
     out = home / "killed"
     overrides = {"grid.methods": "[dn2]", "grid.output": out, "grid.metrics_file": out / "grid.json"}

@@ -342,6 +342,7 @@ cmd_start() {
         "${auth_envs[@]}"
         "RAY_TMPDIR=$ray_tmp"
         "RAY_USAGE_STATS_ENABLED=0"
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.5}" # as flows/cli.py's
         "OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}" # Ray workers' OpenMP threads (flows/services.py)
     )
     local kv

@@ -48,7 +48,7 @@ def shared_prefect_api() -> str:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        _PREFECT.update(server=server, home=home)
+        _PREFECT.update(server=server, home=home, log=log)
         url, deadline = f"http://127.0.0.1:{port}/api", time.monotonic() + 180
         while True:
             try:
@@ -81,6 +81,7 @@ def stop_shared_prefect() -> None:
             break
         except subprocess.TimeoutExpired:
             continue
+    _PREFECT.pop("log").close()
     shutil.rmtree(_PREFECT.pop("home"), ignore_errors=True)
 
 

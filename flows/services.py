@@ -124,10 +124,15 @@ class PrefectAPIStarter:
     this process imports torch, checks its inputs and starts Ray. The subprocess is stopped at exit.
     Nothing starts when PREFECT_API_URL names a server (environment or active Prefect profile); if the
     start fails, the flow call falls back to Prefect's own temporary server and reports its error.
+
+    ``env`` is added to the server's environment (e.g. a ``PREFECT_HOME`` of its own); ``timeout``, the
+    seconds to wait for its ``/health`` (default: Prefect's ephemeral start-up timeout).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str] | None = None, timeout: float | None = None) -> None:
         self.api_url: str | None = None
+        self._env = env or {}
+        self._timeout = timeout
         self._process: subprocess.Popen | None = None
         self._thread: threading.Thread | None = None
         if not os.environ.get("PREFECT_API_URL"):
@@ -153,6 +158,7 @@ class PrefectAPIStarter:
             "PREFECT_UI_ENABLED": "0",
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
+            **self._env,
         }
         app = ["--app-dir", str(prefect.__module_path__.parent), "--factory", SERVER_APP]
         where = ["--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
@@ -161,7 +167,8 @@ class PrefectAPIStarter:
         )
         atexit.register(self.stop)
         url = f"http://127.0.0.1:{port}/api"
-        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        timeout = self._timeout or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self._process.poll() is None:
             with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                 if r.status == 200:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.prefect_server import shared_prefect_api, stop_shared_prefect, temporary_prefect  # noqa: F401
+from tests.prefect_server import shared_prefect_api, stop_shared_prefect
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 INDUSTRIAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "industrial"
@@ -87,7 +87,7 @@ def service_env(home: Path) -> dict[str, str]:
         DVC_NO_ANALYTICS="1",
         ADAPTAD_CACHE=os.environ.get("ADAPTAD_CACHE", str(Path.home() / ".cache" / "adaptad")),
     )
-    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
     env["PREFECT_API_URL"] = shared_prefect_api()
     return env

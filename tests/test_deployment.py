@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from tests.conftest import repo_copy, service_env, temporary_prefect
+from tests.conftest import repo_copy, service_env
+from tests.prefect_server import temporary_prefect
 from tests.test_services import free_ports
 
 OVERRIDES = {

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import repo_copy, service_env, temporary_prefect
+from tests.conftest import repo_copy, service_env
+from tests.prefect_server import temporary_prefect
 
 
 def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:

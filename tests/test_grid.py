@@ -30,7 +30,8 @@ import pytest
 import yaml
 
 from components.data import FASHION_MNIST_ROOT
-from tests.conftest import run_in_one_process, service_env, temporary_prefect, two_category_params
+from tests.conftest import run_in_one_process, service_env, two_category_params
+from tests.prefect_server import temporary_prefect
 
 SIZE = 64
 KILL = "evaluate:two/kolektorsdd/padim/"  # the Ray task name of one job (its worker's process title)

@@ -40,7 +40,9 @@ def gather(folders: list[Path]) -> list[dict]:
             keys = ("dataset", "category", "method", "run_key")
             summary = json.loads((path.parent / "train.json").read_text())  # the run folder keeps the
             summary["history"] = json.loads((path.parent / "history.json").read_text())  # history apart
-            extra = {"knobs": identity["spec"]["params"], "trial_signal": trial_signal(summary)}
+            # a method that keeps its last epoch (TPTL, ReContrast's default) has no signal to tune on
+            signal = trial_signal(summary) if summary.get("selection_signal") else None
+            extra = {"knobs": identity["spec"]["params"], "trial_signal": signal}
             records.append({k: identity[k] for k in keys} | record | extra)
     return records
 
@@ -126,29 +128,38 @@ def tune_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _epoch0(record: dict) -> float:
+    """The test image AUROC at epoch 0: the method's scorer on the weights it starts from (no training)."""
+    return next(e["test_image_auroc"] for e in record["epochs"] if int(e["epoch"]) == 0)
+
+
 def markdown(records: list[dict]) -> str:
     lines = [
-        "| data | category | method | signal | last epoch | kept | best | kept AUROC | best AUROC | regret |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| data | category | method | signal | last epoch | kept | best | epoch 0 AUROC | kept AUROC "
+        "| best AUROC | regret |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(records, key=lambda r: (r["method"], r["dataset"], r["category"])):
         lines.append(
             f"| {r['dataset']} | {r['category']} | {r['method']} | {r['signal']} "
             f"| {r['epochs'][-1]['epoch']} "
-            f"| {r['kept_epoch']} | {r['best_test_epoch']} | {r['kept_test_image_auroc']:.3f} "
-            f"| {r['best_test_image_auroc']:.3f} | {r['regret']:.3f} |"
+            f"| {r['kept_epoch']} | {r['best_test_epoch']} | {_epoch0(r):.3f} "
+            f"| {r['kept_test_image_auroc']:.3f} | {r['best_test_image_auroc']:.3f} | {r['regret']:.3f} |"
         )
     lines += [
         "",
         "| method · data | runs | mean regret | max regret | kept the best | kept epoch 0 "
-        "| mean kept AUROC | mean best AUROC |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mean epoch 0 AUROC | mean kept AUROC | mean best AUROC |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    epoch0: dict[str, list[float]] = {}
+    for r in records:
+        epoch0.setdefault(f"{r['method']} · {r['dataset']}", []).append(_epoch0(r))
     for g in regret_table(records, lambda r: f"{r['method']} · {r['dataset']}"):
         lines.append(
             f"| {g['group']} | {g['runs']} | {g['mean_regret']:.3f} | {g['max_regret']:.3f} "
             f"| {g['kept_best']} of {g['runs']} | {g['kept_epoch_0']} of {g['runs']} "
-            f"| {g['mean_kept_auroc']:.3f} | {g['mean_best_auroc']:.3f} |"
+            f"| {np.mean(epoch0[g['group']]):.3f} | {g['mean_kept_auroc']:.3f} | {g['mean_best_auroc']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 

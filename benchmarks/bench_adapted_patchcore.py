@@ -86,6 +86,11 @@ def _figures(values) -> str:
     return " / ".join("—" if v is None or pd.isna(v) else f"{v:.3f}" for v in values)
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a results.jsonl (none when it does not exist yet)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: per job, frozen vs adapted PatchCore; then the mean per (dataset, adapting method)."""
     lines = [
@@ -131,15 +136,14 @@ def main() -> None:
     p.add_argument("--table", type=Path, help="only print the table of this results.jsonl")
     args = p.parse_args()
     if args.table:
-        print(table([json.loads(line) for line in args.table.read_text().splitlines() if line]))
+        print(table(read_rows(args.table)))
         return
     import yaml
 
     dataset = yaml.safe_load(args.params.read_text())["dataset"]
     frozen = frozen_patchcore(dataset)
     results = args.out / "results.jsonl"
-    lines = results.read_text().splitlines() if results.exists() else []
-    done = {json.loads(line)["run_key"] for line in lines if line}
+    done = {row["run_key"] for row in read_rows(results)}
     args.out.mkdir(parents=True, exist_ok=True)
     for job in fine_tuned_jobs(args.jobs, dataset, args.methods, args.categories):
         if job["run_key"] in done:
@@ -149,7 +153,7 @@ def main() -> None:
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
-    print(table([json.loads(line) for line in results.read_text().splitlines() if line]))
+    print(table(read_rows(results)))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ METHODS = [
     "dn2", "spade", "patchcore", "gaussian", "padim",
     "panda", "panda_oe", "gaussian_ft", "topology", "recontrast",
 ]  # fmt: skip
+#: frozen methods also run on the backbones fine-tuned methods adapted (grid.adapted: <adapter>+<method> jobs,
+#: which reuse the adapter's training job by its run key)
+ADAPTED = {"patchcore": ["topology"]}
 OE_FASHION = 3000
 PARTS = {"industrial": 192, "fashion_mnist": 64}
 
@@ -121,12 +124,14 @@ def outliers(out: Path, name: str) -> Path:
 
 def write_params(out: Path, name: str, methods: list[str], fresh: bool = False) -> Path:
     """``<out>/params_<name>.yaml``, written once: later invocations reuse it (only ``grid.methods``
-    follows ``--methods``), so a changed params.yaml default never changes the evidence's run keys."""
+    follows ``--methods`` and ``grid.adapted`` ADAPTED), so a changed params.yaml default never changes the
+    evidence's run keys."""
     path = out / f"params_{name}.yaml"
     outliers(out, name)  # not archived: rebuilt (deterministically) on a new machine
     if path.is_file() and not fresh:
         params = yaml.safe_load(path.read_text())
         params["grid"]["methods"] = methods
+        params["grid"]["adapted"] = ADAPTED
         path.write_text(yaml.safe_dump(params, sort_keys=False))
         return path
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -144,6 +149,7 @@ def write_params(out: Path, name: str, methods: list[str], fresh: bool = False) 
         datasets=[name],
         categories={},
         methods=methods,
+        adapted=ADAPTED,
         backbones=[],
         image_sizes=[],
         seeds=[0],

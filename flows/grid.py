@@ -66,6 +66,7 @@ from flows.evaluate import read_run
 from flows.params import (
     Params,
     ParamsError,
+    adapted_name,
     check_method,
     code_version,
     git_commit,
@@ -81,10 +82,12 @@ from flows.pipeline import (
     decision_folder,
     evaluate_remotely,
     load_category_samples,
+    on_adapted_backbone,
     remote_call,
     run_bounded,
     start_ray,
     train_task,
+    trainer,
     trains,
     tuned,
 )
@@ -130,21 +133,31 @@ class GridJob:
     image_size: int
     seed: int
     run_key: str
-    shared_key: str | None  # the dataset-wide training job of a dataset-scope method
+    shared_key: str | None  # the dataset-wide training job of a dataset-scope method (or adapter)
     train_images: int
     test_images: int
     epochs: int
     training_images: int = 0  # images its training job sees (every category's for a dataset-wide job)
+    adapted_by: str | None = None  # the fine-tuned method whose adapted backbone this frozen method uses
+    adapter_key: str | None = None  # that method's per-category training job (None when dataset-wide)
+
+    @property
+    def name(self) -> str:
+        """The method as the leaderboard names it: ``<adapter>+<method>`` on an adapted backbone."""
+        return adapted_name(self.method, self.adapted_by)
 
     @property
     def label(self) -> str:
-        return (
-            f"{self.dataset}/{self.category}/{self.method}/{self.backbone}@{self.image_size}/seed{self.seed}"
-        )
+        return f"{self.dataset}/{self.category}/{self.name}/{self.backbone}@{self.image_size}/seed{self.seed}"
 
     @property
-    def variant(self) -> tuple[str, str, str, int, int]:
-        return (self.dataset, self.method, self.backbone, self.image_size, self.seed)
+    def training_key(self) -> str:
+        """The run key of the training job whose folder holds this job's trained weights."""
+        return self.shared_key or self.adapter_key or self.run_key
+
+    @property
+    def variant(self) -> tuple[str, str, str, int, int, str | None]:
+        return (self.dataset, self.method, self.backbone, self.image_size, self.seed, self.adapted_by)
 
 
 @dataclass
@@ -153,7 +166,7 @@ class Plan:
 
     params: Params
     jobs: list[GridJob]
-    variants: dict[tuple[str, str, str, int, int], Params]
+    variants: dict[tuple[str, str, str, int, int, str | None], Params]
     samples: dict[str, dict[str, tuple[list[Sample], str]]]
     grid_key: str
     code: str = ""
@@ -170,16 +183,27 @@ def _knob_default(method: str, name: str) -> Any:
     return inspect.Parameter.empty
 
 
-def variant_params(params: Params, dataset: str, method: str, backbone: str, size: int, seed: int) -> Params:
-    """params.yaml with this job's dataset, method, backbone, image size and seed (validated again)."""
+def variant_params(
+    params: Params,
+    dataset: str,
+    method: str,
+    backbone: str,
+    size: int,
+    seed: int,
+    adapted_by: str | None = None,
+) -> Params:
+    """params.yaml with this job's dataset, method (on ``adapted_by``'s backbone), backbone, image size and
+    seed (validated again)."""
     raw = params.model_dump()
     raw.update(dataset=dataset, method=method, backbone=backbone, image_size=size, seed=seed)
+    raw.update(adapted_by=adapted_by)
     raw["pipeline"]["runs_dir"] = params.grid.runs_dir
-    knobs = dict(raw["methods"].get(method, {}))
-    default = _knob_default(method, "seed")
-    if default is not inspect.Parameter.empty and "seed" not in knobs and seed != default:
-        knobs["seed"] = seed  # the method's own randomness (coresets, channel subsets) follows the seed
-        raw["methods"][method] = knobs
+    for name in filter(None, (method, adapted_by)):
+        knobs = dict(raw["methods"].get(name, {}))
+        default = _knob_default(name, "seed")
+        if default is not inspect.Parameter.empty and "seed" not in knobs and seed != default:
+            knobs["seed"] = seed  # the method's own randomness (coresets, channel subsets) follows the seed
+            raw["methods"][name] = knobs
     return Params.model_validate(raw)
 
 
@@ -215,26 +239,30 @@ def expand(params: Params, path: str | os.PathLike = "params.yaml", check: bool 
     backbones = grid.backbones or [params.backbone]
     sizes = grid.image_sizes or [params.image_size]
     seeds = grid.seeds or [params.seed]
+    # (method, adapter): every method as it is, then the frozen ones on adapted backbones (grid.adapted)
+    entries = [(m, None) for m in grid.methods] + grid.adapted_pairs()
     if check:
         checked = set()
-        for method, backbone, size in itertools.product(grid.methods, backbones, sizes):
-            if (method, backbone, size) not in checked:
-                checked.add((method, backbone, size))
-                v = variant_params(params, grid.datasets[0], method, backbone, size, seeds[0])
+        for (method, adapter), backbone, size in itertools.product(entries, backbones, sizes):
+            if (method, adapter, backbone, size) not in checked:
+                checked.add((method, adapter, backbone, size))
+                v = variant_params(params, grid.datasets[0], method, backbone, size, seeds[0], adapter)
                 check_method(v, path)
     code = code_version()
     jobs, variants, samples = [], {}, {}
     for dataset in grid.datasets:
         samples[dataset] = load_category_samples(params.model_copy(update={"dataset": dataset}))
         categories = grid.categories.get(dataset) or params.datasets[dataset].categories
-        for method, backbone, size, seed in itertools.product(grid.methods, backbones, sizes, seeds):
-            v = variant_params(params, dataset, method, backbone, size, seed)
-            variants[(dataset, method, backbone, size, seed)] = v
+        for (method, adapter), backbone, size, seed in itertools.product(entries, backbones, sizes, seeds):
+            v = variant_params(params, dataset, method, backbone, size, seed, adapter)
+            variants[(dataset, method, backbone, size, seed, adapter)] = v
+            fitter = trainer(v)  # the job's training: its own method's, or the adapter's
             shared = None
-            if dataset_scope(v):
-                shared = run_key(v, "dataset:" + dataset, dataset_version(samples[dataset]), code)
+            if dataset_scope(fitter):
+                shared = run_key(fitter, "dataset:" + dataset, dataset_version(samples[dataset]), code)
             for category in categories:
                 rows, version = samples[dataset][category]
+                adapter_key = run_key(fitter, category, version, code) if adapter and not shared else None
                 training_images = sum(
                     s.split == "train"
                     for c in (samples[dataset] if shared else [category])
@@ -248,12 +276,14 @@ def expand(params: Params, path: str | os.PathLike = "params.yaml", check: bool 
                         backbone=backbone,
                         image_size=size,
                         seed=seed,
-                        run_key=category_key(v, category, version, code, shared),
+                        run_key=category_key(v, category, version, code, shared or adapter_key),
                         shared_key=shared,
                         train_images=sum(s.split == "train" for s in rows),
                         test_images=sum(s.split == "test" for s in rows),
-                        epochs=_epochs(v, training_images),
+                        epochs=_epochs(fitter, training_images),
                         training_images=training_images,
+                        adapted_by=adapter,
+                        adapter_key=adapter_key,
                     )
                 )
     grid_key = hashlib.sha256("\n".join(sorted(j.run_key for j in jobs)).encode()).hexdigest()[:16]
@@ -266,8 +296,7 @@ def job_done(plan: Plan, job: GridJob) -> bool:
 
 
 def _trained(plan: Plan, job: GridJob) -> bool:
-    key = job.shared_key or job.run_key
-    return (plan.runs_dir / key / "trained" / "summary.json").is_file()
+    return (plan.runs_dir / job.training_key / "trained" / "summary.json").is_file()
 
 
 def _measured_rates(runs_dir: Path) -> dict[tuple[str, str, int], dict[str, float]]:
@@ -305,7 +334,7 @@ def estimate(plan: Plan, job: GridJob, rates: dict | None = None, training: bool
     c = seconds_per_image(job.backbone, job.image_size, cpus)
     fit = job.train_images * c * FIT_FACTOR.get(job.method, 1.0)
     predict = job.test_images * c * PREDICT_FACTOR.get(job.method, 1.0)
-    per_epoch = 3 * c * TRAIN_FACTOR.get(job.method, 1.0) * cpus / v.train.num_workers
+    per_epoch = 3 * c * TRAIN_FACTOR.get(job.adapted_by or job.method, 1.0) * cpus / v.train.num_workers
     measured = (rates or {}).get((job.method, job.backbone, job.image_size), {})
     fit = job.train_images * measured["fit"] if "fit" in measured else fit
     predict = job.test_images * measured["predict"] if "predict" in measured else predict
@@ -325,17 +354,16 @@ def dry_run(plan: Plan) -> str:
             status, cost, source = "done", 0.0, "-"
         else:
             status = "trained" if _trained(plan, job) else "todo"
-            # a dataset-wide training job is counted once, with its first category
-            first = job.shared_key is None or job.shared_key not in trained_keys
+            # a training job that several jobs share (dataset-wide; an adapter's) is counted once
+            first = job.training_key not in trained_keys
             cost, source = estimate(plan, job, rates, training=first)
-            if job.shared_key is not None:
-                trained_keys.add(job.shared_key)
+            trained_keys.add(job.training_key)
             total, todo = total + cost, todo + 1
         rows.append(
             (
                 job.dataset,
                 job.category,
-                job.method,
+                job.name,
                 job.backbone,
                 str(job.image_size),
                 str(job.seed),
@@ -443,7 +471,7 @@ def log_job(
             **{
                 k: str(v)
                 for k, v in asdict(job).items()
-                if k in ("dataset", "category", "method", "backbone")
+                if k in ("dataset", "category", "method", "backbone") or (k == "adapted_by" and v)
             },
             "image_size": str(job.image_size),
             "seed": str(job.seed),
@@ -492,15 +520,18 @@ _TRAIN_LOCKS_GUARD = threading.Lock()
 
 
 def _train(job: GridJob, variant: Params, samples: list[Sample], dataset_train: list[Sample]) -> dict:
-    """The pipeline's train_task (cached by run key); one dataset-wide job per key, however many ask."""
-    if job.shared_key:
-        with _TRAIN_LOCKS_GUARD:
-            lock = _TRAIN_LOCKS.setdefault(job.shared_key, threading.Lock())
-        with lock:  # the first category trains, the others find its result
-            return train_task(job.shared_key, variant, f"{job.dataset} (all categories)", dataset_train)
-    if trains(variant):
-        return train_task(job.run_key, variant, job.category, [s for s in samples if s.split == "train"])
-    return {}
+    """The pipeline's train_task (cached by run key); one training job per key, however many jobs ask (a
+    dataset-wide one; an adapter's, which its own method's job and the adapted jobs share)."""
+    fitter = trainer(variant)
+    if not trains(fitter):
+        return {}
+    with _TRAIN_LOCKS_GUARD:
+        lock = _TRAIN_LOCKS.setdefault(job.training_key, threading.Lock())
+    with lock:  # the first job trains, the others find its result
+        if job.shared_key:
+            return train_task(job.shared_key, fitter, f"{job.dataset} (all categories)", dataset_train)
+        train = [s for s in samples if s.split == "train"]
+        return train_task(job.training_key, fitter, job.category, train)
 
 
 def _pending_decision(variant: Params, run_key: str) -> dict | None:
@@ -518,6 +549,8 @@ def _pending_decision(variant: Params, run_key: str) -> dict | None:
     train = run_dir / "train.json"
     training = json.loads(train.read_text()) if train.is_file() else {}
     if training.get("directory") and not Path(training["directory"]).is_dir():
+        return None
+    if training.get("adapted_by") and not Path(training["adapted_by"]["backbone"]).is_file():
         return None
     return training
 
@@ -555,7 +588,7 @@ def _decide(
     if training is None:
         return read_decision(folder)  # None: collapsed, archived or its trained weights gone
     run_dir = folder.parent / "evaluation"
-    variant = tuned(variant, training)
+    variant, training = on_adapted_backbone(tuned(variant, training), training)
     category_job = make_category_job(variant, job.category, job.run_key, data_version, samples, training)
     t = variant.train
     args = (variant.decision.model_dump(), t.val_fraction, variant.seed, list(t.synthetic))
@@ -605,7 +638,8 @@ def job_task(
     if record is None:
         _check_files(samples)  # fails in milliseconds, not after a worker started
         training = _train(job, variant, samples, dataset_train)
-        record = _evaluate(job, tuned(variant, training), data_version, samples, training, cpus)
+        evaluated, training = on_adapted_backbone(tuned(variant, training), training)
+        record = _evaluate(job, evaluated, data_version, samples, training, cpus)
         get_run_logger().info("%s: done in %.1f s", job.label, time.perf_counter() - t0)
     decision = _decide(job, variant, data_version, samples, cpus)
     experiment, parent, grid_key = mlflow_run

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from components.atomic import replace_dir, write_text_atomic
 from components.metrics import METRIC_KEYS
 from components.plots import load_examples, method_comparison
+from flows.params import adapted_name
 
 #: the test figures at a job's own thresholds (flows/decide.py; None for a job run without them)
 OPERATING = ("image_fpr", "image_recall", "image_precision", "image_f1", "pixel_f1")
@@ -57,6 +58,7 @@ def job_row(record: dict[str, Any]) -> dict[str, Any]:
     """One job's row: identity, status and the numbers of its metrics.json (None where absent)."""
     m = (record.get("metrics") or {}) | (record.get("decision") or {})
     row = {k: record.get(k) for k in JOB_COLUMNS}
+    row["method"] = adapted_name(row["method"], record.get("adapted_by"))  # on an adapted backbone
     row |= {k: _num(m.get(k)) for k in QUALITY}
     train, fit = _num(m.get("train_seconds")) or 0.0, _num(m.get("fit_seconds"))
     row["train_seconds"] = train

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import json
 import os
@@ -227,6 +228,30 @@ def _unique(name: str, values: list) -> list:
     return values
 
 
+def fine_tuned(method: str) -> bool:
+    """Whether ``method`` trains its backbone (it has an ``epochs`` knob)."""
+    return "epochs" in _knobs(method)
+
+
+def adapted_name(method: str, adapted_by: str | None) -> str:
+    """A method as leaderboards and logs name it: ``<adapter>+<method>`` on an adapted backbone."""
+    return f"{adapted_by}+{method}" if adapted_by else method
+
+
+def check_adaptation(method: str, adapter: str, where: str) -> None:
+    """``method`` on ``adapter``'s adapted backbone must be a frozen method on a fine-tuned one."""
+    if adapter not in METHOD_NAMES:
+        raise ValueError(f"{where}: unknown method {adapter!r}; choose from {', '.join(METHOD_NAMES)}")
+    if not fine_tuned(adapter):
+        tuned = ", ".join(m for m in METHOD_NAMES if fine_tuned(m))
+        raise ValueError(f"{where}: {adapter} trains no backbone; choose a fine-tuned method ({tuned})")
+    if fine_tuned(method):
+        frozen = ", ".join(m for m in METHOD_NAMES if not fine_tuned(m))
+        raise ValueError(
+            f"{where}: {method} trains its own backbone; adapted backbones are for frozen methods ({frozen})"
+        )
+
+
 class Grid(Strict):
     """A benchmark grid: every dataset x category x method x backbone x image size x seed is one job.
 
@@ -237,6 +262,11 @@ class Grid(Strict):
     datasets: list[str] = Field(min_length=1)
     categories: dict[str, list[str]] = Field(default_factory=dict, description="per dataset: a subset")
     methods: list[str] = Field(min_length=1)
+    adapted: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="per frozen method: fine-tuned methods on whose adapted backbones it also runs "
+        "(e.g. {patchcore: [topology]}: a topology+patchcore job per category, sharing topology's training)",
+    )
     backbones: list[str] = Field(default_factory=list)
     image_sizes: list[Annotated[int, Field(ge=32, le=1024)]] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=list)
@@ -265,6 +295,20 @@ class Grid(Strict):
     def _no_repeats(cls, v: list) -> list:
         return _unique("", v)
 
+    @field_validator("adapted")
+    @classmethod
+    def _adaptations(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for method, adapters in v.items():
+            if method not in METHOD_NAMES:
+                raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHOD_NAMES)}")
+            for adapter in _unique(method, adapters):
+                check_adaptation(method, adapter, method)
+        return v
+
+    def adapted_pairs(self) -> list[tuple[str, str]]:
+        """(frozen method, adapter) of every adapted job kind, in params.yaml's order."""
+        return [(method, adapter) for method, adapters in self.adapted.items() for adapter in adapters]
+
 
 class Params(Strict):
     dataset: str
@@ -275,6 +319,11 @@ class Params(Strict):
     weights: str = "pypi"
     image_size: int = Field(224, ge=32, le=1024)
     seed: int = 0
+    adapted_by: str | None = Field(
+        None,
+        description="a fine-tuned method: the chosen (frozen) method builds its memory on the backbone that "
+        "method's training job adapted (same data, backbone, image size, seed), not on the ImageNet one",
+    )
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description="knobs per method")
     train: Train = Train()
     tune: Tune = Tune()
@@ -306,6 +355,12 @@ class Params(Strict):
             raise ValueError(
                 f"dataset: {self.dataset!r} is not declared under datasets ({', '.join(self.datasets)})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _adaptation(self) -> Params:
+        if self.adapted_by is not None:
+            check_adaptation(self.method, self.adapted_by, "adapted_by")
         return self
 
     # --- derived -------------------------------------------------------------------------------------
@@ -342,6 +397,13 @@ class Params(Strict):
 
     def method_params(self) -> dict[str, Any]:
         return dict(self.methods.get(self.method, {}))
+
+    def adapter(self) -> Params | None:
+        """With ``adapted_by``: the params of the training job whose adapted backbone the chosen method
+        uses (the same params with ``method`` = ``adapted_by``); else None."""
+        if self.adapted_by is None:
+            return None
+        return self.model_copy(update={"method": self.adapted_by, "adapted_by": None})
 
     def with_knobs(self, knobs: dict[str, Any]) -> Params:
         """These params with ``knobs`` set on the chosen method (e.g. a tune trial's)."""
@@ -429,12 +491,13 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS, overrides: dict[str, A
                 f"{path}: methods.{name}.{unknown[0]}: not a knob of {name} "
                 f"(knobs: {', '.join(sorted(known))})"
             )
-    if params.tune.space:
-        known = _knobs(params.method)
+    if params.tune.space:  # with adapted_by the search is the adapter's training's
+        tuned_method = params.adapted_by or params.method
+        known = _knobs(tuned_method)
         unknown = sorted(set(params.tune.space) - known)
         if unknown:
             raise ParamsError(
-                f"{path}: tune.space.{unknown[0]}: not a knob of {params.method} "
+                f"{path}: tune.space.{unknown[0]}: not a knob of {tuned_method} "
                 f"(knobs: {', '.join(sorted(known))})"
             )
     return params
@@ -445,9 +508,17 @@ PATH_KNOBS = {"outliers": "folder", "anchors": "folder", "fisher": "file"}
 
 
 def check_method(params: Params, path: str | os.PathLike = DEFAULT_PARAMS) -> None:
-    """Build the method once with random weights on the CPU so that bad knob values fail up front."""
+    """Build the method once with random weights on the CPU so that bad knob values fail up front (with
+    ``adapted_by``: the adapter's training method too, which must train at least one epoch)."""
     from components.backbones import BackboneError
-    from components.methods import build_method
+    from components.methods import build_method, method_class
+
+    if (adapter := params.adapter()) is not None:
+        check_method(adapter, path)
+        default = inspect.signature(method_class(adapter.method).__init__).parameters["epochs"].default
+        if int(adapter.method_params().get("epochs", default)) <= 0:
+            raise ParamsError(f"{path}: methods.{adapter.method}.epochs: 0 — adapted_by needs a training job")
+        params = params.model_copy(update={"tune": Tune()})  # the search is the adapter's training's
 
     for knob, kind in PATH_KNOBS.items():
         value = params.method_params().get(knob)

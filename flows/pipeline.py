@@ -33,7 +33,15 @@ from components.decision import DECISION_METRICS
 from components.methods import method_class
 from flows.decide import check_decision, decide_category, decide_in_ray_task, decision_key, read_decision
 from flows.evaluate import METRIC_KEYS, CategoryJob, evaluate_category, evaluate_in_ray_task, read_run
-from flows.params import RESULT_CODE, Params, check_method, code_version, load_params, run_key
+from flows.params import (
+    RESULT_CODE,
+    Params,
+    adapted_name,
+    check_method,
+    code_version,
+    load_params,
+    run_key,
+)
 from flows.services import restore_stop_handler, worker_env_defaults
 from flows.train import TrainJob, absolute, ensure_ray, train
 from flows.tune import tune_and_train
@@ -121,8 +129,35 @@ def train_task(key: str, params: Params, category: str, train_samples: list[Samp
 
 
 def tuned(params: Params, training: dict[str, Any]) -> Params:
-    """``params`` with the knobs of the trial a tune kept (unchanged without a tune)."""
-    return params.with_knobs(training["tune"]["knobs"]) if training.get("tune") else params
+    """``params`` with the knobs of the trial a tune kept (unchanged without a tune, and with
+    ``adapted_by``: the tune chose the adapter's knobs, not the frozen method's)."""
+    if not training.get("tune") or params.adapted_by:
+        return params
+    return params.with_knobs(training["tune"]["knobs"])
+
+
+def trainer(params: Params) -> Params:
+    """The params of the category's training job: the adapter's with ``adapted_by``, else ``params``."""
+    return params.adapter() or params
+
+
+def on_adapted_backbone(params: Params, training: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
+    """With ``adapted_by``: the frozen method's params with ``weights`` = the backbone the adapter's
+    training job left (``trained/backbone.safetensors``), and that job's summary as the run's training
+    record (seconds, epochs, tags, the collapse monitor's verdict; not its folder or per-epoch weights,
+    which belong to the adapter's networks). Unchanged without ``adapted_by``."""
+    if params.adapted_by is None or not training:
+        return params, training
+    if "adapted_by" in training:  # a run's record (its train.json): already the adapted one
+        return params.model_copy(update={"weights": training["adapted_by"]["backbone"]}), training
+    backbone = Path(training["directory"]) / "backbone.safetensors"
+    adapted = {"method": params.adapted_by, "run_key": training["run_key"], "backbone": str(backbone)}
+    record = {k: v for k, v in training.items() if k not in ("directory", "epoch_weights")}
+    record["tags"] = (training.get("tags") or {}) | {
+        "adapted_by": params.adapted_by,
+        "adapted_by.run_key": training["run_key"],
+    }
+    return params.model_copy(update={"weights": str(backbone)}), record | {"adapted_by": adapted}
 
 
 def category_job(
@@ -145,7 +180,7 @@ def category_job(
         masks=params.data.masks,
         batch_size=params.evaluate.batch_size,
         loader_workers=params.evaluate.loader_workers,
-        trained=Path(training["directory"]) if training else None,
+        trained=Path(training["directory"]) if training.get("directory") else None,
         training=training,
     )
 
@@ -278,16 +313,22 @@ def category_task(
     """Train (when the method trains), evaluate and register one category.
 
     ``shared`` is the result of a dataset-wide training job (dataset-scope methods): then the category
-    only builds its banks with that backbone, is evaluated and registered.
+    only builds its banks with that backbone, is evaluated and registered. With ``adapted_by`` the training
+    job is the adapter's (its own run key, shared with that method's runs) and the run key names it.
     """
-    key = category_key(params, category, version, code, shared["run_key"] if shared else None)
+    fitter = trainer(params)
+    train_key = shared["run_key"] if shared else None
+    if params.adapted_by and train_key is None:
+        train_key = run_key(fitter, category, version, code)
+    key = category_key(params, category, version, code, train_key)
     if shared is not None:
         training = shared
-    elif trains(params):
-        training = train_task(key, params, category, [s for s in samples if s.split == "train"])
+    elif trains(fitter):
+        training = train_task(train_key or key, fitter, category, [s for s in samples if s.split == "train"])
     else:
         training = {}
     params = tuned(params, training)  # evaluated, decided and logged with the kept trial's knobs
+    params, training = on_adapted_backbone(params, training)
     evaluation = evaluate_task(key, params, category, version, samples, training)
     decision = None
     if not evaluation.get("collapsed"):  # a collapsed run has no model to decide with
@@ -336,7 +377,7 @@ def _fmt(v: Any) -> str:
 
 def results_markdown(params: Params, results: dict[str, dict], failed: dict[str, str]) -> str:
     lines = [
-        f"# adaptad pipeline — {params.dataset} · {params.method} · "
+        f"# adaptad pipeline — {params.dataset} · {adapted_name(params.method, params.adapted_by)} · "
         f"{params.backbone} @ {params.image_size}px",
         "",
         "| category | image AUROC | pixel AUROC | AUPRO | image F1-max | pixel F1-max "
@@ -368,7 +409,7 @@ def write_dvc_outputs(params: Params, results: dict[str, dict]) -> None:
     clean = lambda d: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}  # noqa: E731
     doc = {
         "dataset": params.dataset,
-        "method": params.method,
+        "method": adapted_name(params.method, params.adapted_by),
         "categories": {c: clean(v) for c, v in per_category.items()},
         "mean": clean(mean),
     }
@@ -391,6 +432,7 @@ def shared_training_key(
     params: Params, categories: dict[str, tuple[list[Sample], str]], code: str
 ) -> str | None:
     """The run key of the dataset-wide training job of a dataset-scope method (else None)."""
+    params = trainer(params)
     if not dataset_scope(params):
         return None
     return run_key(params, "dataset:" + params.dataset, dataset_version(categories), code)
@@ -406,6 +448,7 @@ def start_ray_if_needed(
     if os.environ.get("RAY_ADDRESS"):
         start_ray()
         return
+    params = trainer(params)
     if not trains(params):
         return
     code = code or code_version()
@@ -522,7 +565,7 @@ def pipeline(
     if shared_key:  # one training job on every category's train images, then banks per category
         every = [s for samples, _ in categories.values() for s in samples if s.split == "train"]
         shared = train_task.with_options(**task_opts)(
-            shared_key, params, f"{params.dataset} (all categories)", every
+            shared_key, trainer(params), f"{params.dataset} (all categories)", every
         )
     run_category = category_task.with_options(**task_opts)
     submissions = [

@@ -251,6 +251,9 @@ def run_params(record: dict[str, Any], params: Params) -> dict[str, str]:
     flat = flatten(spec)
     flat |= flatten(knobs, f"{spec.get('method', record.get('method', 'method'))}.")
     flat |= flatten({"seed": params.seed})
+    if params.adapted_by:  # the training job that adapted the backbone (its file is the spec's weights)
+        flat |= flatten({"adapted_by": params.adapted_by})
+        flat |= flatten(params.methods.get(params.adapted_by, {}), f"{params.adapted_by}.")
     flat |= flatten(params.train.model_dump(), "train.")
     flat |= flatten(params.evaluate.model_dump(), "evaluate.")
     return flat

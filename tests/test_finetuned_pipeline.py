@@ -27,7 +27,10 @@ CATEGORIES = {
     "topology": BOTH,
     "recontrast": ["kolektorsdd"],
     "tune": ["kolektorsdd"],
+    "adapted": BOTH,
 }
+#: runs that share another run's folder (and so its training jobs)
+RUNS_DIR = {"adapted": "topology"}
 RUNS = {
     "gaussian_ft": {
         "method": "gaussian_ft",
@@ -58,6 +61,12 @@ RUNS = {
         "method": "panda",
         "methods.panda": {"epochs": 1, "early_stopping": False, "gallery": 2, "reference_images": 8},
         "tune.space": {"lr": [0.01, 0.001]},
+    },
+    # PatchCore on the backbone TPTL adapted: the topology run's training job, found by its run key
+    "adapted": {
+        "method": "patchcore",
+        "adapted_by": "topology",
+        "methods.topology": {"epochs": 2, "lr": 1e-3, "anchor_batch": 4},
     },
 }
 
@@ -96,7 +105,11 @@ def runs(tmp_path_factory, industrial_root):
     env = service_env(home)
     subprocess.run(["adaptad", "prepare", "--params", str(path)], env=env, check=True, capture_output=True)
     overrides = [
-        {"pipeline.runs_dir": str(home / "runs" / n), "datasets.two.categories": CATEGORIES[n]} | dotted(o)
+        {
+            "pipeline.runs_dir": str(home / "runs" / RUNS_DIR.get(n, n)),
+            "datasets.two.categories": CATEGORIES[n],
+        }
+        | dotted(o)
         for n, o in RUNS.items()
     ]
     lines, out = run_in_one_process("flow_runner", path, overrides, env, "FLOW-RESULT", timeout=1800)
@@ -172,7 +185,50 @@ def test_topology_trains_one_model_for_the_whole_dataset(runs) -> None:
     home, _, _ = runs
     trained = [p for p in (home / "runs" / "topology").iterdir() if (p / "trained").is_dir()]
     assert len(trained) == 1  # one training job, two categories evaluated with it
-    assert len(_run_folders(home, "topology")) == 2
+    methods = [_record(p)["method"] for p in _run_folders(home, "topology")]
+    assert methods.count("topology") == 2
+
+
+def _record(run: Path) -> dict:
+    return json.loads((run / "evaluation" / "metrics.json").read_text())
+
+
+def test_a_frozen_method_on_an_adapted_backbone_reuses_its_training_and_registers(runs) -> None:
+    """PatchCore with adapted_by=topology builds its banks on the backbone of the topology run's training
+    job (the same run key: not trained again), is scored, logged with the adapter and registered."""
+    from safetensors.torch import load_file
+
+    from components.backbones import offline_weights_file
+
+    home, results, _ = runs
+    r = results["adapted"]
+    assert r["error"] is None, r
+    assert sorted(r["result"]) == BOTH
+    (trained,) = [p / "trained" for p in (home / "runs" / "topology").iterdir() if (p / "trained").is_dir()]
+    adapted = [p for p in _run_folders(home, "topology") if _record(p)["method"] == "patchcore"]
+    assert sorted(p.name for p in adapted) == sorted(r["result"][c]["run_key"] for c in BOTH)
+    pretrained = load_file(str(offline_weights_file("tf_efficientnet_lite0")))
+    adapted_weights = load_file(str(trained / "backbone.safetensors"))
+    for run in adapted:
+        record, train = _record(run), json.loads((run / "evaluation" / "train.json").read_text())
+        assert record["spec"]["weights"] == str(trained.resolve() / "backbone.safetensors")
+        assert (
+            train["tags"]["adapted_by"] == "topology"
+            and train["adapted_by"]["run_key"] == trained.parent.name
+        )
+        assert record["metrics"]["train_seconds"] > 0 and 0 <= record["metrics"]["image_auroc"] <= 1
+        saved = load_file(str(run / "evaluation" / "method" / "backbone.safetensors"))
+        assert saved and all(
+            saved[k].equal(adapted_weights[k]) for k in saved
+        )  # TPTL's weights, not ImageNet's
+        assert any(not saved[k].equal(pretrained[k]) for k in saved if k in pretrained)
+    versions = _versions(home, "patchcore")
+    assert len(versions) == 2
+    client = _client(home)
+    for v in versions:
+        run = client.get_run(v.run_id)
+        assert run.data.tags["adapted_by"] == "topology" and run.data.params["adapted_by"] == "topology"
+        assert run.data.params["topology.lr"] == "0.001"
 
 
 def test_the_collapse_monitor_stops_tags_and_never_registers_a_collapsing_run(runs) -> None:

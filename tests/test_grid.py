@@ -10,7 +10,8 @@ All grid runs share one process (tests/grid_runner.py), so the services start on
 3. ``again``: nothing changed — nothing is recomputed, no MLflow run is added;
 4. ``plan``: the dry-run table now says every job is done;
 5. ``fmnist``: two Fashion-MNIST classes as the normal one, padim, every test class scored;
-6. ``topology``: a dataset-scope method (TPTL) — one Ray Train job for both categories, banks per category.
+6. ``topology``: a dataset-scope method (TPTL) — one Ray Train job for both categories, banks per category
+   — and PatchCore on the backbone it adapted (``grid.adapted``), sharing that training job.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def steps(setup, dry):
         fmnist |= {"grid.metrics_file": str(home / "fm.json"), "grid.plots_dir": str(home / "fm-plots")}
         plan.append({"name": "fmnist", "overrides": fmnist})
     # a dataset-scope method (TPTL): ONE Ray Train job for both categories, then banks per category
-    topology = {"grid.methods": ["topology"], "grid.output": str(home / "topo")}
+    topology = {"grid.methods": ["topology"], "grid.adapted": {"patchcore": ["topology"]}}
+    topology |= {"grid.output": str(home / "topo")}
     topology |= {"grid.metrics_file": str(home / "topo.json"), "grid.plots_dir": str(home / "topo-plots")}
     topology |= {f"methods.topology.{k}": v for k, v in {"epochs": 1, "lr": 1e-3, "anchor_batch": 4}.items()}
     plan.append({"name": "topology", "overrides": topology})
@@ -251,10 +253,11 @@ def test_a_dataset_scope_method_trains_once_for_all_its_categories(setup, steps)
     home, _, _ = setup
     lines, _, _ = steps
     line = lines["topology"]
-    assert line["error"] is None and line["result"]["jobs"] == 2, line["error"]
+    assert line["error"] is None and line["result"]["jobs"] == 4, line["error"]
     jobs = _jobs(home, "topology")
-    assert set(jobs) == {("kolektorsdd", "topology"), ("magnetic_tile", "topology")}
-    (shared,) = {row["shared_key"] for row in jobs.values()}  # one training job for the dataset
+    methods = ("topology", "topology+patchcore")  # TPTL, and PatchCore on the backbone TPTL adapted
+    assert set(jobs) == {(c, m) for c in ("kolektorsdd", "magnetic_tile") for m in methods}
+    (shared,) = {row["shared_key"] for row in jobs.values()}  # one training job for the dataset and both
     assert shared and all(row["status"] == "done" and row["run_key"] != shared for row in jobs.values())
     summary = json.loads((home / "jobs" / shared / "trained" / "summary.json").read_text())
     assert summary["epochs"] == 1 and summary["workers"] == 2 and summary["ray_run"].endswith(shared)
@@ -263,6 +266,14 @@ def test_a_dataset_scope_method_trains_once_for_all_its_categories(setup, steps)
         assert 0 <= row["image_auroc"] <= 1 and 0 <= row["pixel_auroc"] <= 1
         train = json.loads((home / "jobs" / row["run_key"] / "evaluation" / "train.json").read_text())
         assert train["run_key"] == shared
+    for category in ("kolektorsdd", "magnetic_tile"):
+        run = home / "jobs" / jobs[(category, "topology+patchcore")]["run_key"] / "evaluation"
+        record = json.loads((run / "metrics.json").read_text())
+        assert record["method"] == "patchcore"
+        assert record["spec"]["weights"] == str(home / "jobs" / shared / "trained" / "backbone.safetensors")
+    assert "topology+patchcore" in (home / "topo.topology" / "leaderboard.md").read_text()
+    children = _children(line)
+    assert sorted(r["tags"].get("adapted_by", "") for r in children).count("topology") == 2
 
 
 def _service_processes(exclude: set[int], env: dict[str, str]) -> list[str]:
@@ -383,10 +394,11 @@ def test_a_finished_grid_computes_the_decisions_a_new_rule_needs(setup, steps) -
     board = pq.read_table(out / "leaderboard.parquet").to_pylist()
     assert {(r["category"], r["method"]) for r in board} == base
     jobs = [p.parent.parent for p in before if json.loads(p.read_text())["dataset"] == "two"]
-    jobs = [
+    jobs = [  # the steps' padim and patchcore jobs (not PatchCore on TPTL's backbone: its own rule)
         j
         for j in jobs
         if json.loads((j / "evaluation" / "metrics.json").read_text())["method"] in ("padim", "patchcore")
+        and "adapted_by" not in json.loads((j / "evaluation" / "train.json").read_text())
     ]
     assert len(jobs) == 4 and all(len(list(j.glob("decision-*/decision.json"))) == 2 for j in jobs)
     assert {p: p.stat().st_mtime_ns for p in before} == before  # no evaluation recomputed
@@ -532,7 +544,8 @@ def test_grid_params_errors_name_the_key(setup, tmp_path) -> None:
 
 
 def test_dry_run_counts_each_training_once(tmp_path: Path) -> None:
-    """Per-category trainings are each counted; a dataset-wide one (TPTL) once, with its first category."""
+    """Per-category trainings are each counted; a dataset-wide one (TPTL) once, with its first category; a
+    frozen method on PANDA's adapted backbone not again (it shares PANDA's training jobs)."""
     from flows.grid import TRAIN_SETUP_SECONDS, GridJob, Plan, dry_run, estimate, variant_params
     from flows.params import load_params
 
@@ -541,7 +554,7 @@ def test_dry_run_counts_each_training_once(tmp_path: Path) -> None:
     )
     jobs, variants = [], {}
     for method, shared in (("panda", None), ("topology", "dataset-key")):
-        variants[("demo", method, params.backbone, 128, 0)] = variant_params(
+        variants[("demo", method, params.backbone, 128, 0, None)] = variant_params(
             params, "demo", method, params.backbone, 128, 0
         )
         for category in ("a", "b"):
@@ -549,15 +562,28 @@ def test_dry_run_counts_each_training_once(tmp_path: Path) -> None:
                 GridJob("demo", category, method, params.backbone, 128, 0, f"{method}-{category}", shared,
                         train_images=100, test_images=50, epochs=2, training_images=200 if shared else 100)
             )  # fmt: skip
-    plan = Plan(params, jobs, variants, {}, "grid-key", "code", tmp_path)
+    variants[("demo", "patchcore", params.backbone, 128, 0, "panda")] = variant_params(
+        params, "demo", "patchcore", params.backbone, 128, 0, "panda"
+    )
+    adapted = [
+        GridJob("demo", c, "patchcore", params.backbone, 128, 0, f"adapted-{c}", None, train_images=100,
+                test_images=50, epochs=2, training_images=100, adapted_by="panda", adapter_key=f"panda-{c}")
+        for c in ("a", "b")
+    ]  # fmt: skip
+    plan = Plan(params, jobs + adapted, variants, {}, "grid-key", "code", tmp_path)
     cost = {j.run_key: estimate(plan, j)[0] for j in jobs}
     without = estimate(plan, jobs[3], training=False)[0]
+    adapted_cost = sum(estimate(plan, j, training=False)[0] for j in adapted)
+    assert adapted[0].name == "panda+patchcore" and adapted[0].training_key == "panda-a"
+    assert estimate(plan, adapted[0])[0] > estimate(plan, adapted[0], training=False)[0]
     assert (
         cost["panda-a"] == cost["panda-b"] > estimate(plan, jobs[0], training=False)[0] + TRAIN_SETUP_SECONDS
     )
     assert cost["topology-b"] > without
     total = float(dry_run(plan).splitlines()[-1].split("estimated ")[1].split(" s")[0])
-    assert total == pytest.approx(cost["panda-a"] + cost["panda-b"] + cost["topology-a"] + without, abs=1)
+    expected = cost["panda-a"] + cost["panda-b"] + cost["topology-a"] + without + adapted_cost
+    assert total == pytest.approx(expected, abs=1)
+    assert "panda+patchcore" in dry_run(plan)
 
 
 def test_a_job_with_steps_is_estimated_at_the_epochs_that_hold_them(tmp_path: Path) -> None:

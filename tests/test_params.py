@@ -40,6 +40,11 @@ def test_repo_params_are_valid_and_default_to_the_demo() -> None:
         ({"tune.space.learning_rate": [0.1, 0.01]}, "tune.space.learning_rate: not a knob of panda"),
         ({"tune.space.lr": []}, "tune.space: lr: give a non-empty list of candidate values"),
         ({"tune.space.lr": [0.1, 0.1]}, "tune.space: 0.1 is listed twice"),
+        ({"method": "patchcore", "adapted_by": "padim"}, "adapted_by: padim trains no backbone"),
+        ({"adapted_by": "topology"}, "adapted_by: panda trains its own backbone"),
+        ({"method": "patchcore", "adapted_by": "nope"}, "adapted_by: unknown method 'nope'"),
+        ({"grid.adapted": {"patchcore": ["dn2"]}}, "grid.adapted: patchcore: dn2 trains no backbone"),
+        ({"grid.adapted": {"patchcore": ["panda", "panda"]}}, "grid.adapted: 'panda' is listed twice"),
     ],
 )
 def test_invalid_values_name_the_key(overrides, message) -> None:
@@ -224,3 +229,15 @@ def test_code_version_follows_the_result_code_only(tmp_path: Path) -> None:
     assert code_version(tmp_path, same).startswith(first + "+")
     git("commit", "-qam", "new algorithm")
     assert code_version(tmp_path, same) not in (first, fixed, algorithm)
+
+
+def test_an_adapted_backbone_is_checked_with_its_training_job() -> None:
+    """With adapted_by the adapter's knobs are built up front too, and it must train (epochs > 0)."""
+    adapted = {"method": "patchcore", "adapted_by": "topology"}
+    params = load_params(PARAMS, adapted)
+    assert params.adapter().method == "topology" and params.adapter().adapted_by is None
+    check_method(params)
+    with pytest.raises(ParamsError, match=r"methods\.topology\.epochs: 0 — adapted_by needs a training job"):
+        check_method(load_params(PARAMS, adapted | {"methods.topology.epochs": 0}))
+    with pytest.raises(ParamsError, match=r"methods\.topology: topology lam=-1"):
+        check_method(load_params(PARAMS, adapted | {"methods.topology.lam": -1}))

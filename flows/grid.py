@@ -6,7 +6,9 @@ variant (dataset, method, backbone, image size, seed; everything else as in para
 its run key is the one the pipeline computes (flows/pipeline.py ``category_key``), and its run folder is
 ``<grid.runs_dir>/<run key>/`` in the pipeline's format. A finished job is found by its run key and never
 recomputed (set ``grid.runs_dir`` to ``pipeline.runs_dir`` to share run folders with the pipeline). A
-method with a ``seed`` knob gets the job's seed unless params.yaml sets the knob.
+method with a ``seed`` knob gets the job's seed unless params.yaml sets the knob. ``grid.adapted`` adds
+jobs of frozen methods on the backbones fine-tuned methods adapted (``adapted_by``; named
+``<adapter>+<method>``): their training job is the adapter's, shared by run key with its own jobs.
 
 **Scheduling.** At most ``grid.concurrency`` jobs are in flight, each a Prefect task. A job trains with
 the pipeline's ``train_task`` (a TorchTrainer, ScalingConfig from ``train``: ``use_gpu: auto`` gives every

@@ -297,7 +297,8 @@ def log_task(
 
 
 def category_key(params: Params, category: str, version: str, code: str, shared: str | None = None) -> str:
-    """The category's run key; with a dataset-wide training job its key (``shared``) is part of it."""
+    """The category's run key; the key of a training job it shares (``shared``: a dataset-wide one, or the
+    adapter's with ``adapted_by``) is part of it."""
     return run_key(params, category, f"{version}+{shared}" if shared else version, code)
 
 

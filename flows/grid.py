@@ -90,6 +90,7 @@ from flows.pipeline import (
     start_ray,
     train_task,
     trainer,
+    training_key,
     trains,
     tuned,
 )
@@ -264,7 +265,7 @@ def expand(params: Params, path: str | os.PathLike = "params.yaml", check: bool 
                 shared = run_key(fitter, "dataset:" + dataset, dataset_version(samples[dataset]), code)
             for category in categories:
                 rows, version = samples[dataset][category]
-                adapter_key = run_key(fitter, category, version, code) if adapter and not shared else None
+                adapter_key = None if shared else training_key(v, category, version, code, None)
                 training_images = sum(
                     s.split == "train"
                     for c in (samples[dataset] if shared else [category])

@@ -228,6 +228,16 @@ def _unique(name: str, values: list) -> list:
     return values
 
 
+def trains(params: Params) -> bool:
+    """Whether the chosen method has training epochs (frozen baselines go straight to the banks)."""
+    from components.methods import method_class  # imports torch: not for the stages that build no model
+
+    knobs = inspect.signature(method_class(params.method).__init__).parameters
+    if "epochs" not in knobs:
+        return False
+    return int(params.method_params().get("epochs", knobs["epochs"].default)) > 0
+
+
 def fine_tuned(method: str) -> bool:
     """Whether ``method`` trains its backbone (it has an ``epochs`` knob)."""
     return "epochs" in _knobs(method)
@@ -511,12 +521,11 @@ def check_method(params: Params, path: str | os.PathLike = DEFAULT_PARAMS) -> No
     """Build the method once with random weights on the CPU so that bad knob values fail up front (with
     ``adapted_by``: the adapter's training method too, which must train at least one epoch)."""
     from components.backbones import BackboneError
-    from components.methods import build_method, method_class
+    from components.methods import build_method
 
     if (adapter := params.adapter()) is not None:
         check_method(adapter, path)
-        default = inspect.signature(method_class(adapter.method).__init__).parameters["epochs"].default
-        if int(adapter.method_params().get("epochs", default)) <= 0:
+        if not trains(adapter):
             raise ParamsError(f"{path}: methods.{adapter.method}.epochs: 0 — adapted_by needs a training job")
         params = params.model_copy(update={"tune": Tune()})  # the search is the adapter's training's
 

@@ -10,7 +10,6 @@ category) are written for the categories that finished, and a markdown artifact 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -41,18 +40,11 @@ from flows.params import (
     code_version,
     load_params,
     run_key,
+    trains,
 )
 from flows.services import restore_stop_handler, worker_env_defaults
 from flows.train import TrainJob, absolute, ensure_ray, train
 from flows.tune import tune_and_train
-
-
-def trains(params: Params) -> bool:
-    """Whether the chosen method has training epochs (frozen baselines go straight to the banks)."""
-    knobs = inspect.signature(method_class(params.method).__init__).parameters
-    if "epochs" not in knobs:
-        return False
-    return int(params.method_params().get("epochs", knobs["epochs"].default)) > 0
 
 
 def dataset_scope(params: Params) -> bool:
@@ -139,6 +131,14 @@ def tuned(params: Params, training: dict[str, Any]) -> Params:
 def trainer(params: Params) -> Params:
     """The params of the category's training job: the adapter's with ``adapted_by``, else ``params``."""
     return params.adapter() or params
+
+
+def training_key(params: Params, category: str, version: str, code: str, shared: str | None) -> str | None:
+    """The key of the training job a category's run shares: the dataset-wide one (``shared``), or with
+    ``adapted_by`` the adapter's own job for the category; None when the run trains under its own key."""
+    if shared or params.adapted_by is None:
+        return shared
+    return run_key(trainer(params), category, version, code)
 
 
 def on_adapted_backbone(params: Params, training: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
@@ -318,9 +318,7 @@ def category_task(
     job is the adapter's (its own run key, shared with that method's runs) and the run key names it.
     """
     fitter = trainer(params)
-    train_key = shared["run_key"] if shared else None
-    if params.adapted_by and train_key is None:
-        train_key = run_key(fitter, category, version, code)
+    train_key = training_key(params, category, version, code, shared["run_key"] if shared else None)
     key = category_key(params, category, version, code, train_key)
     if shared is not None:
         training = shared

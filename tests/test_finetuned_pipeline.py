@@ -28,28 +28,27 @@ CATEGORIES = {
     "recontrast": ["kolektorsdd"],
     "tune": ["kolektorsdd"],
     "adapted": BOTH,
+    "collapsed_adapter": ["magnetic_tile"],
 }
 #: runs that share another run's folder (and so its training jobs)
-RUNS_DIR = {"adapted": "topology"}
+RUNS_DIR = {"adapted": "topology", "collapsed_adapter": "collapse"}
+COLLAPSING_PANDA = {
+    # no clipping, no EWC, no early stopping and a huge learning rate: the features blow up
+    "epochs": 4,
+    "lr": 0.3,
+    "max_grad_norm": None,
+    "ewc": False,
+    "early_stopping": False,
+    "gallery": 2,
+    "reference_images": 8,
+}
 RUNS = {
     "gaussian_ft": {
         "method": "gaussian_ft",
         # patience 1 and an unreachable min_delta: the forgetting detector must stop it after epoch 1
         "methods.gaussian_ft": {"epochs": 4, "patience": 1, "min_delta": 1.0, "gaussian_images": 12},
     },
-    "collapse": {
-        "method": "panda",
-        # no clipping, no EWC, no early stopping and a huge learning rate: the features blow up
-        "methods.panda": {
-            "epochs": 4,
-            "lr": 0.3,
-            "max_grad_norm": None,
-            "ewc": False,
-            "early_stopping": False,
-            "gallery": 2,
-            "reference_images": 8,
-        },
-    },
+    "collapse": {"method": "panda", "methods.panda": COLLAPSING_PANDA},
     "panda_oe": {"method": "panda_oe", "methods.panda_oe": {"epochs": 2, "lr": 0.01, "gallery": 2}},
     "topology": {"method": "topology", "methods.topology": {"epochs": 2, "lr": 1e-3, "anchor_batch": 4}},
     "recontrast": {
@@ -68,6 +67,8 @@ RUNS = {
         "adapted_by": "topology",
         "methods.topology": {"epochs": 2, "lr": 1e-3, "anchor_batch": 4},
     },
+    # PatchCore on the backbone of the collapse run's training job (found by its run key): collapsed
+    "collapsed_adapter": {"method": "patchcore", "adapted_by": "panda", "methods.panda": COLLAPSING_PANDA},
 }
 
 
@@ -245,6 +246,28 @@ def test_the_collapse_monitor_stops_tags_and_never_registers_a_collapsing_run(ru
     assert {run.data.tags["category"] for run in collapsed} == set(CATEGORIES["collapse"])
     assert all("COLLAPSED" in run.data.tags["mlflow.note.content"] for run in collapsed)
     assert all("train/monitor/effective_rank" in run.data.metrics for run in collapsed)
+
+
+def test_a_frozen_method_on_a_collapsed_adapter_is_neither_evaluated_nor_registered(runs) -> None:
+    """The adapter's collapse verdict is the composed run's: no metrics, no version, an MLflow run tagged
+    collapsed that names the adapter — and the adapter is not trained again."""
+    home, results, _ = runs
+    r = results["collapsed_adapter"]
+    assert r["error"] is None, r  # collapse is a result, not a crash
+    assert len(_trainings(home, "collapse")) == len(CATEGORIES["collapse"])  # the collapse run's job only
+    (record,) = [_record(p) for p in _run_folders(home, "collapse") if _record(p)["method"] == "patchcore"]
+    assert record["collapsed"]["reason"] and record["spec"]["weights"].endswith("backbone.safetensors")
+    assert all(
+        record["metrics"][k] != record["metrics"][k] for k in ("image_auroc", "aupro")
+    )  # NaN: unscored
+    assert _versions(home, "patchcore", CATEGORIES["collapsed_adapter"]) == []
+    client = _client(home)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "adaptad-two"]
+    (run,) = client.search_runs(
+        [experiment.experiment_id], "tags.collapsed = 'true' and tags.adapted_by = 'panda'"
+    )
+    assert run.data.tags["category"] == "magnetic_tile" and run.data.params["adapted_by"] == "panda"
+    assert "COLLAPSED" in run.data.tags["mlflow.note.content"]
 
 
 def test_a_tune_trains_every_trial_and_registers_only_the_chosen_one(runs) -> None:

@@ -29,9 +29,10 @@ CATEGORIES = {
     "tune": ["kolektorsdd"],
     "adapted": BOTH,
     "collapsed_adapter": ["magnetic_tile"],
+    "tuned_adapter": ["kolektorsdd"],
 }
 #: runs that share another run's folder (and so its training jobs)
-RUNS_DIR = {"adapted": "topology", "collapsed_adapter": "collapse"}
+RUNS_DIR = {"adapted": "topology", "collapsed_adapter": "collapse", "tuned_adapter": "tune"}
 COLLAPSING_PANDA = {
     # no clipping, no EWC, no early stopping and a huge learning rate: the features blow up
     "epochs": 4,
@@ -41,6 +42,11 @@ COLLAPSING_PANDA = {
     "early_stopping": False,
     "gallery": 2,
     "reference_images": 8,
+}
+#: a 2-trial Ray Tune search of PANDA's learning rate, chosen on the validation slice
+TUNED_PANDA = {
+    "methods.panda": {"epochs": 1, "early_stopping": False, "gallery": 2, "reference_images": 8},
+    "tune.space": {"lr": [0.01, 0.001]},
 }
 RUNS = {
     "gaussian_ft": {
@@ -55,12 +61,7 @@ RUNS = {
         "method": "recontrast",
         "methods.recontrast": {"epochs": 2, "bottleneck_blocks": 1, "decoder_blocks": [1, 1, 1]},
     },
-    # a 2-trial Ray Tune search of PANDA's learning rate, chosen on the validation slice
-    "tune": {
-        "method": "panda",
-        "methods.panda": {"epochs": 1, "early_stopping": False, "gallery": 2, "reference_images": 8},
-        "tune.space": {"lr": [0.01, 0.001]},
-    },
+    "tune": {"method": "panda", **TUNED_PANDA},
     # PatchCore on the backbone TPTL adapted: the topology run's training job, found by its run key
     "adapted": {
         "method": "patchcore",
@@ -69,6 +70,8 @@ RUNS = {
     },
     # PatchCore on the backbone of the collapse run's training job (found by its run key): collapsed
     "collapsed_adapter": {"method": "patchcore", "adapted_by": "panda", "methods.panda": COLLAPSING_PANDA},
+    # PatchCore on the backbone of the tune run's chosen trial (the tune's training job, by its run key)
+    "tuned_adapter": {"method": "patchcore", "adapted_by": "panda", **TUNED_PANDA},
 }
 
 
@@ -223,13 +226,12 @@ def test_a_frozen_method_on_an_adapted_backbone_reuses_its_training_and_register
             saved[k].equal(adapted_weights[k]) for k in saved
         )  # TPTL's weights, not ImageNet's
         assert any(not saved[k].equal(pretrained[k]) for k in saved if k in pretrained)
-    versions = _versions(home, "patchcore")
-    assert len(versions) == 2
     client = _client(home)
-    for v in versions:
-        run = client.get_run(v.run_id)
-        assert run.data.tags["adapted_by"] == "topology" and run.data.params["adapted_by"] == "topology"
-        assert run.data.params["topology.lr"] == "0.001"
+    runs_ = [client.get_run(v.run_id) for v in _versions(home, "patchcore")]
+    on_topology = [run for run in runs_ if run.data.tags["adapted_by"] == "topology"]
+    assert len(on_topology) == 2  # one per category (the other PatchCore version is on PANDA's backbone)
+    for run in on_topology:
+        assert run.data.params["adapted_by"] == "topology" and run.data.params["topology.lr"] == "0.001"
 
 
 def test_the_collapse_monitor_stops_tags_and_never_registers_a_collapsing_run(runs) -> None:
@@ -260,8 +262,9 @@ def test_a_frozen_method_on_a_collapsed_adapter_is_neither_evaluated_nor_registe
     assert all(
         record["metrics"][k] != record["metrics"][k] for k in ("image_auroc", "aupro")
     )  # NaN: unscored
-    assert _versions(home, "patchcore", CATEGORIES["collapsed_adapter"]) == []
     client = _client(home)
+    versions = _versions(home, "patchcore", CATEGORIES["collapsed_adapter"])
+    assert all(client.get_run(v.run_id).data.tags["adapted_by"] == "topology" for v in versions)
     (experiment,) = [e for e in client.search_experiments() if e.name == "adaptad-two"]
     (run,) = client.search_runs(
         [experiment.experiment_id], "tags.collapsed = 'true' and tags.adapted_by = 'panda'"
@@ -297,3 +300,23 @@ def test_a_tune_trains_every_trial_and_registers_only_the_chosen_one(runs) -> No
     assert run.data.params["tune.trials"] == "2"
     assert float(run.data.params["tune.chosen.lr"]) == chosen["knobs"]["lr"]
     assert float(run.data.params["panda.lr"]) == chosen["knobs"]["lr"]
+
+
+def test_a_frozen_method_on_a_tuned_adapter_takes_the_chosen_trials_backbone(runs) -> None:
+    """With tune.space, the adapter's training job is the tune; PatchCore builds on its chosen trial's
+    backbone (the tune is not run again) and is registered with the adapter's kept knobs."""
+    home, results, _ = runs
+    r = results["tuned_adapter"]
+    assert r["error"] is None, r
+    (key_dir,) = [p for p in (home / "runs" / "tune").iterdir() if (p / "trained").is_dir()]
+    tune = json.loads((key_dir / "trained" / "summary.json").read_text())["tune"]
+    (run_dir,) = [p for p in _run_folders(home, "tune") if _record(p)["method"] == "patchcore"]
+    assert _record(run_dir)["spec"]["weights"] == str(
+        (key_dir / "trained" / "backbone.safetensors").resolve()
+    )
+    assert (run_dir / "evaluation" / "method" / "backbone.safetensors").is_file()
+    client = _client(home)
+    runs_ = [client.get_run(v.run_id) for v in _versions(home, "patchcore", CATEGORIES["tuned_adapter"])]
+    (run,) = [run for run in runs_ if run.data.tags["adapted_by"] == "panda"]  # and one on TPTL's
+    assert run.data.params["tune.trials"] == "2"
+    assert float(run.data.params["panda.lr"]) == tune["trials"][tune["chosen"]]["knobs"]["lr"]

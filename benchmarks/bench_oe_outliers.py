@@ -37,25 +37,14 @@ from sklearn.metrics import roc_auc_score
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.bench_forgetting import samples_of  # noqa: E402
+from benchmarks.panda_ablation import knn_auroc  # noqa: E402
 from components.backbones import FeatureExtractor  # noqa: E402
-from components.data import (  # noqa: E402
-    FASHION_MNIST_ROOT,
-    ImageDataset,
-    oneclass_category,
-    scan_image_folder,
-    scan_mvtec,
-)
+from components.data import FASHION_MNIST_ROOT, ImageDataset, scan_image_folder  # noqa: E402
 from components.methods.base import pooled  # noqa: E402
 
-
-def samples_of(spec: str, root: Path) -> tuple[list, int]:
-    """(samples, image size) of ``industrial:<set>`` (192 px) or ``fashion_mnist:<class>`` (64 px)."""
-    group, _, name = spec.partition(":")
-    if group == "industrial":
-        return scan_mvtec(root / "industrial", name), 192
-    if group == "fashion_mnist":
-        return oneclass_category("fashion_mnist", FASHION_MNIST_ROOT, name), 64
-    raise SystemExit(f"--data {spec}: expected industrial:<set> or fashion_mnist:<class>")
+#: the evidence grid's image size per group
+SIZES = {"industrial": 192, "fashion_mnist": 64}
 
 
 def subset(items: list, n: int, seed: int = 0) -> list:
@@ -98,12 +87,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     extractor = FeatureExtractor("tf_efficientnet_lite0", "pypi", levels=(1, 2, 3, 4)).eval()
+    other = scan_image_folder(args.outliers, "--outliers")
     for spec in args.data:
         start = time.perf_counter()
-        samples, size = samples_of(spec, args.root)
-        train = subset([s for s in samples if s.split == "train"], args.max_train)
-        test = subset([s for s in samples if s.split == "test"], args.max_test)
-        other = scan_image_folder(args.outliers, "--outliers")
+        train, test, _ = samples_of(spec, FASHION_MNIST_ROOT, args.root / "industrial")
+        size = SIZES[spec.partition(":")[0]]
+        train, test = subset(train, args.max_train), subset(test, args.max_test)
         labels = np.array([s.label for s in test])
         normal, scored = features(extractor, train, size), features(extractor, test, size)
         cut = features(extractor, train, size, "cutpaste")
@@ -114,9 +103,8 @@ def main() -> None:
             "noise": noise,
             "both": np.r_[cut, noise],
         }
-        distances = ((scored[:, None] - normal[None]) ** 2).sum(-1)
         row = {"data": spec, "train": len(train), "test": len(test)}
-        row["dn2"] = roc_auc_score(labels, np.sort(distances, 1)[:, :2].sum(1))
+        row["dn2"] = knn_auroc(torch.from_numpy(normal), torch.from_numpy(scored), labels)
         for name, outliers in sources.items():
             row[f"probe_{name}"] = roc_auc_score(labels, probe_scores(normal, outliers, scored))
         row["seconds"] = round(time.perf_counter() - start, 1)
